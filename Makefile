@@ -1,0 +1,35 @@
+# TwinMCP — `make run` (embedded demo) and `make test` (whole suite on real PostgreSQL + Redis).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+T      ?=
+
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: run test venv lint bench clean
+
+$(STAMP): pyproject.toml .ci/constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -c .ci/constraints.txt -e ".[dev]"
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+# Embedded defaults: SQLite, filesystem Celery broker, database quota counters.
+run: export DEBUG ?= true
+run: export EXTERNAL_MCP_ALLOWED_PROTOCOLS ?= https,http
+run: export EXTERNAL_MCP_ALLOWED_NETWORKS ?= 127.0.0.1/32
+run: venv
+	$(BIN)/python manage.py migrate --noinput
+	@$(BIN)/python manage.py seed_demo
+	$(BIN)/python manage.py runstack
+
+test: venv
+	CI=$(CI) bash .ci/test.sh $(T)
+
+lint: venv
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf var .coverage htmlcov

@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class ExternalMcpConfig(AppConfig):
+    name = "external_mcp"
+    default_auto_field = "django.db.models.BigAutoField"

@@ -1,0 +1,86 @@
+"""Shared fixtures: three named users (workspace admin, member, outsider) and their keys."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pytest
+from django.conf import settings
+from rest_framework.test import APIClient
+
+from twinmcp import services
+from twinmcp.models import ApiKey, Flag, Role, Workspace
+
+
+@dataclass
+class Actor:
+    user: object
+    workspace: Workspace
+    key: ApiKey
+    raw_key: str
+
+    def client(self) -> APIClient:
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {self.raw_key}")
+        return client
+
+
+def make_actor(django_user_model, username: str, workspace: Workspace, role: str) -> Actor:
+    user = django_user_model.objects.create_user(username=username, password="pw-" + username * 2)
+    services.member_add(workspace=workspace, user=user, role=role)
+    key, raw = services.api_key_create(user=user, workspace=workspace, name=f"{username}-key")
+    return Actor(user=user, workspace=workspace, key=key, raw_key=raw)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    """The locmem cache (waffle flags, key cache) outlives each test's rolled-back transaction."""
+    from django.core.cache import cache
+
+    cache.clear()
+    yield
+    cache.clear()
+
+
+@pytest.fixture
+def workspace(db) -> Workspace:
+    return services.workspace_create(slug="acme", name="Acme")
+
+
+@pytest.fixture
+def other_workspace(db) -> Workspace:
+    return services.workspace_create(slug="globex", name="Globex")
+
+
+@pytest.fixture
+def admin(django_user_model, workspace) -> Actor:
+    return make_actor(django_user_model, "alice", workspace, Role.ADMIN)
+
+
+@pytest.fixture
+def member(django_user_model, workspace) -> Actor:
+    return make_actor(django_user_model, "bob", workspace, Role.MEMBER)
+
+
+@pytest.fixture
+def outsider(django_user_model, other_workspace) -> Actor:
+    return make_actor(django_user_model, "eve", other_workspace, Role.ADMIN)
+
+
+@pytest.fixture
+def flag_on(db, workspace, other_workspace) -> Flag:
+    flag = Flag.objects.get(name=settings.EXTERNAL_MCP_FLAG)
+    flag.workspaces.add(workspace, other_workspace)
+    return flag
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """The real Redis that `make test` starts; in CI its absence is a failure, not a skip."""
+    url = os.environ.get("REDIS_URL", "")
+    if not url:
+        if os.environ.get("CI") == "true":
+            pytest.fail("REDIS_URL is not set: run the suite with `make test`.")
+        pytest.skip("REDIS_URL not set (run `make test` for the full suite)")
+    return url

@@ -1,0 +1,63 @@
+"""Run the embedded stack in the foreground (``make run``); Ctrl-C stops every process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandParser
+
+
+class Command(BaseCommand):
+    help = "Run uvicorn, a Celery worker with beat, and the demo MCP upstream until interrupted."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--host", default="127.0.0.1")
+        parser.add_argument("--port", default="8000")
+
+    def handle(self, *args: Any, host: str, port: str, **options: Any) -> None:
+        python = sys.executable
+        commands = {
+            "web": [python, "-m", "uvicorn", "twinmcp.asgi:application", "--host", host, "--port", port],
+            "celery": [python, "-m", "celery", "-A", "twinmcp", "worker", "-B", "--loglevel=INFO",
+                       "--concurrency=2"],
+        }
+        commands.update(extra_processes())
+        procs: dict[str, subprocess.Popen[bytes]] = {}
+        stopping = False
+
+        def stop(*_: Any) -> None:
+            nonlocal stopping
+            stopping = True
+
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
+        for name, cmd in commands.items():
+            procs[name] = subprocess.Popen(cmd, env=os.environ.copy(), start_new_session=True)
+        try:
+            while not stopping:
+                for name, proc in procs.items():
+                    if proc.poll() is not None:
+                        self.stderr.write(f"{name} exited with {proc.returncode}; stopping everything.")
+                        stopping = True
+                time.sleep(0.5)
+        finally:
+            for proc in procs.values():
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            for proc in procs.values():
+                try:
+                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+        self.stdout.write("Stopped.")
+
+
+def extra_processes() -> dict[str, list[str]]:
+    """Processes other apps add to the embedded stack (the demo upstream)."""
+    return {}

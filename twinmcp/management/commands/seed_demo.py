@@ -1,0 +1,66 @@
+"""Idempotent demo data for ``make run``: a workspace, an admin, an API key, the flag on.
+
+Raw secrets cannot be read back from the database (only hashes are stored), so the demo
+password and key are kept in ``var/demo.json`` to be printed again on the next run.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand
+from django.db import transaction
+
+from twinmcp import services
+from twinmcp.apikeys import hash_key
+from twinmcp.models import ApiKey, Flag, Role, Workspace
+
+DEMO_SLUG = "demo"
+DEMO_USER = "admin"
+
+
+class Command(BaseCommand):
+    help = "Create (or reuse) the demo workspace, admin user and API key, and print them."
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        state_file = Path(settings.VAR_DIR) / "demo.json"
+        state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+        with transaction.atomic():
+            workspace = Workspace.objects.filter(slug=DEMO_SLUG).first() or services.workspace_create(
+                slug=DEMO_SLUG, name="Demo workspace"
+            )
+            user_model = get_user_model()
+            user = user_model.objects.filter(username=DEMO_USER).first()
+            if user is None or not state.get("password") or not user.check_password(state["password"]):
+                state["password"] = secrets.token_urlsafe(12)
+                user = user or user_model(username=DEMO_USER, email="admin@example.com")
+                user.set_password(state["password"])
+                user.is_staff = user.is_superuser = True
+                user.save()
+            services.member_add(workspace=workspace, user=user, role=Role.ADMIN)
+            raw = state.get("api_key")
+            if not raw or not ApiKey.objects.active().filter(key_hash=hash_key(raw), user=user).exists():
+                _, raw = services.api_key_create(user=user, workspace=workspace, name="demo")
+                state["api_key"] = raw
+            Flag.objects.get(name=settings.EXTERNAL_MCP_FLAG).workspaces.add(workspace)
+        state_file.parent.mkdir(parents=True, exist_ok=True)
+        state_file.write_text(json.dumps(state))
+        state_file.chmod(0o600)
+        self.stdout.write(
+            "\n".join(
+                [
+                    "",
+                    "TwinMCP is starting at  http://127.0.0.1:8000/",
+                    f"  login:     {DEMO_USER}",
+                    f"  password:  {state['password']}",
+                    f"  API key:   {state['api_key']}",
+                    f"  workspace: {workspace.slug}",
+                    "",
+                ]
+            )
+        )

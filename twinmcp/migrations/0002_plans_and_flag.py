@@ -1,0 +1,17 @@
+from django.db import migrations
+
+
+def seed(apps, schema_editor):
+    Plan = apps.get_model("twinmcp", "Plan")
+    Plan.objects.get_or_create(code="free", defaults={"name": "Free", "capped": True})
+    Plan.objects.get_or_create(code="pro", defaults={"name": "Pro", "capped": False})
+    Flag = apps.get_model("twinmcp", "Flag")
+    Flag.objects.get_or_create(
+        name="external_mcp_connect",
+        defaults={"note": "Connect external MCP servers (story 10.12). Switch on per workspace."},
+    )
+
+
+class Migration(migrations.Migration):
+    dependencies = [("twinmcp", "0001_initial")]
+    operations = [migrations.RunPython(seed, migrations.RunPython.noop)]

@@ -1,0 +1,213 @@
+"""TwinMCP settings: one file, every value from the environment (documented in .env.example)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from pathlib import Path
+
+import environ
+
+from twinmcp import config
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+if (BASE_DIR / ".env").is_file():
+    environ.Env.read_env(BASE_DIR / ".env")
+VAR_DIR = Path(config.string("TWINMCP_VAR_DIR", str(BASE_DIR / "var")))
+
+env = environ.Env()
+
+DEBUG = config.boolean("DEBUG", False)
+SECRET_KEY = config.string("SECRET_KEY")
+if not SECRET_KEY:
+    if not DEBUG:
+        config.ERRORS.append(("SECRET_KEY", "SECRET_KEY is required when DEBUG is false"))
+    SECRET_KEY = "insecure-development-key-" + "x" * 40
+
+ALLOWED_HOSTS = config.csv_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost"] if DEBUG else [])
+CSRF_TRUSTED_ORIGINS = config.csv_list("CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "django_filters",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "django_htmx",
+    "template_partials",
+    "waffle",
+    "django_prometheus",
+    "twinmcp.apps.TwinMcpConfig",
+    "external_mcp.apps.ExternalMcpConfig",
+    "usage.apps.UsageConfig",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
+    "waffle.middleware.WaffleMiddleware",
+]
+
+ROOT_URLCONF = "twinmcp.urls"
+WSGI_APPLICATION = "twinmcp.wsgi.application"
+ASGI_APPLICATION = "twinmcp.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    }
+]
+
+DATABASES = {"default": env.db_url("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'db.sqlite3'}")}
+DATABASES["default"]["CONN_MAX_AGE"] = config.integer("DATABASE_CONN_MAX_AGE", 60)
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    VAR_DIR.mkdir(parents=True, exist_ok=True)
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        {"timeout": 20, "transaction_mode": "IMMEDIATE", "init_command": "PRAGMA journal_mode=WAL;"}
+    )
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_URL = config.string("REDIS_URL")
+
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "twinmcp"},
+}
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator", "OPTIONS": {"min_length": 8}},
+]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "home"
+LOGOUT_REDIRECT_URL = "login"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "/static/"
+STATIC_ROOT = VAR_DIR / "staticfiles"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
+}
+if DEBUG:
+    STORAGES["staticfiles"] = {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}
+WHITENOISE_USE_FINDERS = DEBUG
+
+# Security: strict by default, relaxed only by DEBUG (make run) or explicit variables.
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_SSL_REDIRECT = config.boolean("SECURE_SSL_REDIRECT", not DEBUG)
+SECURE_REDIRECT_EXEMPT = [r"^metrics$", r"^healthz$"]
+SESSION_COOKIE_SECURE = config.boolean("SESSION_COOKIE_SECURE", not DEBUG)
+CSRF_COOKIE_SECURE = config.boolean("CSRF_COOKIE_SECURE", not DEBUG)
+SECURE_HSTS_SECONDS = config.integer("SECURE_HSTS_SECONDS", 0 if DEBUG else 31536000)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = not DEBUG
+SECURE_HSTS_PRELOAD = config.boolean("SECURE_HSTS_PRELOAD", not DEBUG)
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+X_FRAME_OPTIONS = "DENY"
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "twinmcp.authentication.ApiKeyAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "PAGE_SIZE": 50,
+    "EXCEPTION_HANDLER": "twinmcp.api_errors.exception_handler",
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "TwinMCP API",
+    "DESCRIPTION": "Register external MCP servers, proxy their tools, read usage.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
+}
+
+WAFFLE_FLAG_MODEL = "twinmcp.Flag"
+WAFFLE_CREATE_MISSING_FLAGS = False
+WAFFLE_FLAG_DEFAULT = False
+EXTERNAL_MCP_FLAG = "external_mcp_connect"
+
+# Celery: Redis when configured, otherwise kombu's filesystem transport (make run).
+CELERY_BROKER_URL = REDIS_URL or "filesystem://"
+if not REDIS_URL:
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(VAR_DIR / "broker"),
+        "data_folder_out": str(VAR_DIR / "broker"),
+        "processed_folder": str(VAR_DIR / "broker-processed"),
+        "store_processed": False,
+    }
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_ALWAYS_EAGER = config.boolean("CELERY_TASK_ALWAYS_EAGER", False)
+CELERY_TIMEZONE = "UTC"
+CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_BEAT_SCHEDULE: dict[str, dict] = {}
+
+EMAIL_BACKEND = config.string("EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")
+DEFAULT_FROM_EMAIL = config.string("DEFAULT_FROM_EMAIL", "twinmcp@localhost")
+
+# Encryption key ring for upstream credentials: the first key encrypts, all decrypt.
+TWINMCP_ENCRYPTION_KEYS = config.encryption_keys("TWINMCP_ENCRYPTION_KEYS")
+if not TWINMCP_ENCRYPTION_KEYS:
+    if DEBUG:
+        # Development only: a key derived from SECRET_KEY, so make run needs no set-up.
+        digest = hashlib.sha256(b"twinmcp-dev-encryption:" + SECRET_KEY.encode()).digest()
+        TWINMCP_ENCRYPTION_KEYS = [base64.urlsafe_b64encode(digest).decode()]
+    else:
+        config.ERRORS.append(
+            ("TWINMCP_ENCRYPTION_KEYS", "TWINMCP_ENCRYPTION_KEYS is required when DEBUG is false")
+        )
+
+# The story's variables.
+EXTERNAL_MCP_PROXY_TIMEOUT_MS = config.integer("EXTERNAL_MCP_PROXY_TIMEOUT_MS", 30000)
+EXTERNAL_MCP_ALLOWED_PROTOCOLS = config.protocols("EXTERNAL_MCP_ALLOWED_PROTOCOLS", ["https"])
+EXTERNAL_MCP_ALLOWED_NETWORKS = config.networks("EXTERNAL_MCP_ALLOWED_NETWORKS", [])
+EXTERNAL_MCP_MAX_PER_ORG = config.integer("EXTERNAL_MCP_MAX_PER_ORG", 20)
+EXTERNAL_MCP_USAGE_RETENTION_DAYS = config.integer("EXTERNAL_MCP_USAGE_RETENTION_DAYS", 90)
+EXTERNAL_MCP_FREE_DAILY_LIMIT = config.integer("EXTERNAL_MCP_FREE_DAILY_LIMIT", 200)
+
+TWINMCP_API_KEY_TOUCH_SECONDS = config.integer("TWINMCP_API_KEY_TOUCH_SECONDS", 300)
+TWINMCP_UPGRADE_URL = config.string("TWINMCP_UPGRADE_URL", "/billing/upgrade/")
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": config.string("LOG_LEVEL", "INFO")},
+    "loggers": {"django.request": {"level": "ERROR"}},
+}

@@ -1,0 +1,21 @@
+from django.contrib import admin
+from django.contrib.auth import views as auth_views
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+
+from twinmcp import api, views
+
+urlpatterns = [
+    path("", views.home, name="home"),
+    path("healthz", views.healthz, name="healthz"),
+    path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
+    path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("admin/", admin.site.urls),
+    path("api/v1/api-keys/", api.ApiKeyListCreate.as_view(), name="twinmcp-api-keys"),
+    path("api/v1/api-keys/<uuid:key_id>/", api.ApiKeyRevoke.as_view(), name="twinmcp-api-key"),
+    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
+    path("", include("external_mcp.urls")),
+    path("", include("usage.urls")),
+    path("", include("django_prometheus.urls")),
+]
