@@ -164,6 +164,7 @@ EXTERNAL_MCP_FLAG = "external_mcp_connect"
 # Celery: Redis when configured, otherwise kombu's filesystem transport (make run).
 CELERY_BROKER_URL = REDIS_URL or "filesystem://"
 if not REDIS_URL:
+    (VAR_DIR / "broker").mkdir(parents=True, exist_ok=True)
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(VAR_DIR / "broker"),
         "data_folder_out": str(VAR_DIR / "broker"),

@@ -22,7 +22,8 @@ class Command(BaseCommand):
     def handle(self, *args: Any, host: str, port: str, **options: Any) -> None:
         python = sys.executable
         commands = {
-            "web": [python, "-m", "uvicorn", "twinmcp.asgi:application", "--host", host, "--port", port],
+            "web": [python, "-m", "uvicorn", "twinmcp.asgi:application", "--host", host, "--port", port,
+                    "--lifespan", "off"],
             "celery": [python, "-m", "celery", "-A", "twinmcp", "worker", "-B", "--loglevel=INFO",
                        "--concurrency=2"],
         }
