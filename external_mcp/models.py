@@ -1,0 +1,120 @@
+"""The external MCP server registry: servers, their encrypted credentials, the audit trail."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.db.models.functions import Lower
+from django.utils import timezone
+
+from external_mcp.choices import AuditAction, AuthType, ServerStatus, Transport
+from twinmcp.models import Membership, Role, Workspace
+
+
+class ServerQuerySet(models.QuerySet["ExternalMcpServer"]):
+    def visible_to(self, user: object, workspace_ids: list | None = None) -> ServerQuerySet:
+        """Servers of the caller's workspaces (only the key's workspace for API-key callers)."""
+        mine = Membership.objects.filter(user=user).values("workspace_id")
+        qs = self.filter(workspace_id__in=mine)
+        if workspace_ids is not None:
+            qs = qs.filter(workspace_id__in=workspace_ids)
+        return qs
+
+    def administered_by(self, user: object) -> ServerQuerySet:
+        admin_of = Membership.objects.filter(user=user, role=Role.ADMIN).values("workspace_id")
+        return self.filter(workspace_id__in=admin_of)
+
+    def with_tag(self, tag: str) -> ServerQuerySet:
+        return self.filter(tags_index__contains=f",{tag.strip().lower()},")
+
+    def search(self, text: str) -> ServerQuerySet:
+        return self.filter(models.Q(name__icontains=text) | models.Q(description__icontains=text))
+
+
+class ExternalMcpServer(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="servers")
+    name = models.CharField(max_length=100)
+    base_url = models.URLField(max_length=2048)
+    transport = models.CharField(max_length=32, choices=Transport.choices, default=Transport.STREAMABLE_HTTP)
+    auth_type = models.CharField(max_length=16, choices=AuthType.choices, default=AuthType.NONE)
+    status = models.CharField(max_length=16, choices=ServerStatus.choices, default=ServerStatus.NEW)
+    error_message = models.TextField(blank=True, default="")
+    enabled = models.BooleanField(default=True)
+    description = models.TextField(blank=True, default="")
+    tags = models.JSONField(default=list, blank=True)
+    tags_index = models.CharField(max_length=1200, blank=True, default="", editable=False)
+    # Health facts (issue 3/7): stored hard facts, the status is derived from them.
+    last_checked_at = models.DateTimeField(null=True, blank=True)
+    last_ok_at = models.DateTimeField(null=True, blank=True)
+    last_latency_ms = models.PositiveIntegerField(null=True, blank=True)
+    consecutive_failures = models.PositiveIntegerField(default=0)
+    check_interval_seconds = models.PositiveIntegerField(default=60)
+    next_check_at = models.DateTimeField(default=timezone.now, db_index=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = ServerQuerySet.as_manager()
+
+    class Meta:
+        db_table = "external_mcp_servers"
+        ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint("workspace", Lower("name"), name="external_mcp_server_name_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def has_credentials(self) -> bool:
+        return self.auth_type != AuthType.NONE and hasattr(self, "credential")
+
+
+class ExternalMcpCredential(models.Model):
+    """One per server. ``ciphertext`` is the only place the secret lives (AES-GCM, key ring)."""
+
+    server = models.OneToOneField(ExternalMcpServer, on_delete=models.CASCADE, related_name="credential")
+    ciphertext = models.TextField()
+    key_id = models.CharField(max_length=16, db_index=True)
+    fingerprint = models.CharField(max_length=64)
+    created_at = models.DateTimeField(default=timezone.now)
+    rotated_at = models.DateTimeField(null=True, blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    cert_subject = models.CharField(max_length=500, blank=True, default="")
+    cert_issuer = models.CharField(max_length=500, blank=True, default="")
+    cert_not_after = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        db_table = "external_mcp_credentials"
+
+    def __str__(self) -> str:
+        return f"credentials of {self.server_id} ({self.fingerprint})"
+
+
+class AuditEvent(models.Model):
+    """Who did what to which server. ``changes`` holds field names and non-secret values only."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="audit_events")
+    server = models.ForeignKey(
+        ExternalMcpServer, null=True, blank=True, on_delete=models.SET_NULL, related_name="audit_events"
+    )
+    server_name = models.CharField(max_length=100)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    action = models.CharField(max_length=40, choices=AuditAction.choices)
+    changes = models.JSONField(default=dict, blank=True)
+    at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        ordering = ["-at"]
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.server_name} by {self.actor_id} at {self.at:%Y-%m-%d %H:%M}"

@@ -6,11 +6,11 @@ import os
 from dataclasses import dataclass
 
 import pytest
-from django.conf import settings
 from rest_framework.test import APIClient
 
 from twinmcp import services
-from twinmcp.models import ApiKey, Flag, Role, Workspace
+from twinmcp.flags import flag_enable_for_workspace
+from twinmcp.models import ApiKey, Role, Workspace
 
 
 @dataclass
@@ -69,10 +69,9 @@ def outsider(django_user_model, other_workspace) -> Actor:
 
 
 @pytest.fixture
-def flag_on(db, workspace, other_workspace) -> Flag:
-    flag = Flag.objects.get(name=settings.EXTERNAL_MCP_FLAG)
-    flag.workspaces.add(workspace, other_workspace)
-    return flag
+def flag_on(db, workspace, other_workspace) -> None:
+    flag_enable_for_workspace(workspace=workspace)
+    flag_enable_for_workspace(workspace=other_workspace)
 
 
 @pytest.fixture

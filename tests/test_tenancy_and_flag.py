@@ -3,10 +3,11 @@ from __future__ import annotations
 import pytest
 from django.conf import settings as django_settings
 from django.test import RequestFactory
+from waffle.models import Flag
 
 from twinmcp import services
-from twinmcp.flags import external_mcp_enabled
-from twinmcp.models import Flag, Membership, Plan
+from twinmcp.flags import external_mcp_enabled, flag_enable_for_workspace
+from twinmcp.models import Membership, Plan
 
 
 def test_every_user_gets_the_free_plan_by_default(member, settings):
@@ -49,7 +50,7 @@ def test_flag_is_off_by_default(admin):
 
 
 def test_flag_on_for_one_workspace_only(admin, outsider):
-    Flag.objects.get(name=django_settings.EXTERNAL_MCP_FLAG).workspaces.add(admin.workspace)
+    flag_enable_for_workspace(workspace=admin.workspace)
     assert external_mcp_enabled(_request(admin.user))
     assert not external_mcp_enabled(_request(outsider.user))
     assert not external_mcp_enabled(_request(admin.user), workspace_ids=[outsider.workspace.pk])
@@ -88,9 +89,11 @@ def test_static_css_is_served(client, db):
     assert client.get("/healthz").json() == {"status": "ok"}
 
 
-@pytest.mark.parametrize("model", ["workspace", "membership", "plan", "profile", "apikey", "flag"])
-def test_django_admin_pages_render(admin_client, admin, model):
-    response = admin_client.get(f"/admin/twinmcp/{model}/")
+@pytest.mark.parametrize(
+    "path", [f"twinmcp/{m}/" for m in ("workspace", "membership", "plan", "profile", "apikey")] + ["waffle/flag/"]
+)
+def test_django_admin_pages_render(admin_client, admin, path):
+    response = admin_client.get(f"/admin/{path}")
     assert response.status_code == 200
     assert admin.raw_key not in response.content.decode()
     assert admin.key.key_hash not in response.content.decode()

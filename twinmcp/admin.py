@@ -1,7 +1,8 @@
 from django.contrib import admin
 from waffle.admin import FlagAdmin as WaffleFlagAdmin
+from waffle.models import Flag
 
-from twinmcp.models import ApiKey, Flag, Membership, Plan, Profile, Workspace
+from twinmcp.models import ApiKey, FlagWorkspace, Membership, Plan, Profile, Workspace
 
 
 class MembershipInline(admin.TabularInline):
@@ -49,6 +50,16 @@ class ApiKeyAdmin(admin.ModelAdmin):
         return False
 
 
+class FlagWorkspaceInline(admin.TabularInline):
+    model = FlagWorkspace
+    extra = 1
+    verbose_name = "workspace with this flag on"
+    verbose_name_plural = "workspaces with this flag on"
+
+
+admin.site.unregister(Flag)
+
+
 @admin.register(Flag)
 class FlagAdmin(WaffleFlagAdmin):
-    filter_horizontal = [*WaffleFlagAdmin.filter_horizontal, "workspaces"]
+    inlines = [*WaffleFlagAdmin.inlines, FlagWorkspaceInline]

@@ -6,33 +6,15 @@ from typing import Any
 
 from drf_spectacular.utils import extend_schema
 from rest_framework import status
-from rest_framework.exceptions import ValidationError
 from rest_framework.generics import get_object_or_404
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from twinmcp import services
-from twinmcp.models import ApiKey, Membership, Workspace
+from twinmcp.models import ApiKey
+from twinmcp.scoping import resolve_workspace
 from twinmcp.serializers import ApiKeyCreatedSerializer, ApiKeyCreateSerializer, ApiKeySerializer
-
-
-def _default_workspace(request: Request, slug: str | None) -> Workspace:
-    if slug:
-        membership = Membership.objects.select_related("workspace").filter(
-            user=request.user, workspace__slug=slug
-        ).first()
-        if membership is None:
-            raise ValidationError({"workspace": f"You are not a member of workspace {slug!r}."})
-        return membership.workspace
-    if isinstance(request.auth, ApiKey):
-        return request.auth.workspace
-    memberships = list(Membership.objects.select_related("workspace").filter(user=request.user)[:2])
-    if len(memberships) == 1:
-        return memberships[0].workspace
-    if not memberships:
-        raise ValidationError({"workspace": "You are not a member of any workspace."})
-    raise ValidationError({"workspace": "You belong to several workspaces; name one by its slug."})
 
 
 class ApiKeyListCreate(APIView):
@@ -45,7 +27,7 @@ class ApiKeyListCreate(APIView):
     def post(self, request: Request) -> Response:
         form = ApiKeyCreateSerializer(data=request.data)
         form.is_valid(raise_exception=True)
-        workspace = _default_workspace(request, form.validated_data.get("workspace"))
+        workspace = resolve_workspace(request, form.validated_data.get("workspace"))
         key, raw = services.api_key_create(
             user=request.user,
             workspace=workspace,

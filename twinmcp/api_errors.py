@@ -19,10 +19,16 @@ class Conflict(exceptions.APIException):
     default_code = "conflict"
 
 
+class LimitReached(Exception):
+    """A service refused a write because a limit is reached; the API answers 409."""
+
+
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     if isinstance(exc, DjangoValidationError):
         detail = exc.message_dict if hasattr(exc, "error_dict") else {"non_field_errors": exc.messages}
         exc = exceptions.ValidationError(detail)
+    if isinstance(exc, LimitReached):
+        exc = Conflict(str(exc))
     response = drf_exception_handler(exc, context)
     if response is not None:
         if isinstance(response.data, list):

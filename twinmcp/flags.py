@@ -9,8 +9,10 @@ from django.conf import settings
 from django.http import Http404, HttpRequest
 from rest_framework import exceptions, permissions
 from waffle import get_waffle_flag_model
+from waffle.models import Flag
 
-from twinmcp.models import Membership
+from twinmcp.models import FlagWorkspace, Membership, Workspace
+from twinmcp.scoping import key_workspace_ids
 
 
 def external_mcp_enabled(request: HttpRequest | Any, workspace_ids: Iterable[Any] | None = None) -> bool:
@@ -24,14 +26,19 @@ def external_mcp_enabled(request: HttpRequest | Any, workspace_ids: Iterable[Any
         return False
     if workspace_ids is None:
         workspace_ids = Membership.objects.filter(user=user).values("workspace_id")
-    return flag.workspaces.filter(pk__in=workspace_ids).exists()
+    return FlagWorkspace.objects.filter(flag_id=flag.pk, workspace_id__in=workspace_ids).exists()
+
+
+def flag_enable_for_workspace(*, workspace: Workspace, name: str | None = None) -> None:
+    flag, _ = Flag.objects.get_or_create(name=name or settings.EXTERNAL_MCP_FLAG)
+    FlagWorkspace.objects.get_or_create(flag=flag, workspace=workspace)
 
 
 class ExternalMcpEnabled(permissions.BasePermission):
     """404 (not 403) when the flag is off: the feature does not exist for this caller."""
 
     def has_permission(self, request: Any, view: Any) -> bool:
-        if not external_mcp_enabled(request):
+        if not external_mcp_enabled(request, key_workspace_ids(request)):
             raise exceptions.NotFound()
         return True
 

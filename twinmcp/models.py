@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
 
 from django.conf import settings
 from django.db import models
 from django.utils import timezone
-from waffle.models import AbstractUserFlag
 
 
 class Workspace(models.Model):
@@ -122,14 +120,14 @@ class ApiKey(models.Model):
         return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
 
 
-class Flag(AbstractUserFlag):
-    """Waffle flag that can also be switched on per workspace (gradual roll-out)."""
+class FlagWorkspace(models.Model):
+    """Switches a waffle flag on for one workspace (gradual roll-out per organisation)."""
 
-    workspaces = models.ManyToManyField(Workspace, blank=True, related_name="flags")
+    flag = models.ForeignKey("waffle.Flag", on_delete=models.CASCADE, related_name="workspace_links")
+    workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="flag_links")
 
-    class Meta(AbstractUserFlag.Meta):
-        verbose_name = "flag"
-        verbose_name_plural = "flags"
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["flag", "workspace"], name="flag_workspace_unique")]
 
-    def is_active_for_workspace(self, workspace_id: Any) -> bool:
-        return self.workspaces.filter(pk=workspace_id).exists()
+    def __str__(self) -> str:
+        return f"{self.flag_id} on for {self.workspace_id}"

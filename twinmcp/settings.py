@@ -154,9 +154,13 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {
+        "AuthTypeEnum": "external_mcp.choices.AuthType",
+        "SupportedAuthTypeEnum": "external_mcp.choices.SUPPORTED_AUTH_TYPE_CHOICES",
+    },
 }
 
-WAFFLE_FLAG_MODEL = "twinmcp.Flag"
+WAFFLE_FLAG_MODEL = "waffle.Flag"
 WAFFLE_CREATE_MISSING_FLAGS = False
 WAFFLE_FLAG_DEFAULT = False
 EXTERNAL_MCP_FLAG = "external_mcp_connect"

@@ -11,6 +11,8 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
+DEMO_UPSTREAM_PORT = "8765"
+
 
 class Command(BaseCommand):
     help = "Run uvicorn, a Celery worker with beat, and the demo MCP upstream until interrupted."
@@ -27,7 +29,7 @@ class Command(BaseCommand):
             "celery": [python, "-m", "celery", "-A", "twinmcp", "worker", "-B", "--loglevel=INFO",
                        "--concurrency=2"],
         }
-        commands.update(extra_processes())
+        commands["demo-upstream"] = [python, "-m", "external_mcp.demo_upstream", "--port", DEMO_UPSTREAM_PORT]
         procs: dict[str, subprocess.Popen[bytes]] = {}
         stopping = False
 
@@ -57,8 +59,3 @@ class Command(BaseCommand):
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
         self.stdout.write("Stopped.")
-
-
-def extra_processes() -> dict[str, list[str]]:
-    """Processes other apps add to the embedded stack (the demo upstream)."""
-    return {}

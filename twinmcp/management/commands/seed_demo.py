@@ -13,14 +13,20 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand
 from django.db import transaction
 
+from external_mcp.models import ExternalMcpServer
+from external_mcp.services import server_create
 from twinmcp import services
 from twinmcp.apikeys import hash_key
-from twinmcp.models import ApiKey, Flag, Role, Workspace
+from twinmcp.flags import flag_enable_for_workspace
+from twinmcp.models import ApiKey, Role, Workspace
 
 DEMO_SLUG = "demo"
+DEMO_SERVER = "Demo MCP server"
+DEMO_UPSTREAM_URL = "http://127.0.0.1:8765/mcp"
 DEMO_USER = "admin"
 
 
@@ -47,7 +53,8 @@ class Command(BaseCommand):
             if not raw or not ApiKey.objects.active().filter(key_hash=hash_key(raw), user=user).exists():
                 _, raw = services.api_key_create(user=user, workspace=workspace, name="demo")
                 state["api_key"] = raw
-            Flag.objects.get(name=settings.EXTERNAL_MCP_FLAG).workspaces.add(workspace)
+            flag_enable_for_workspace(workspace=workspace)
+            server = self._demo_server(workspace, user)
         state_file.parent.mkdir(parents=True, exist_ok=True)
         state_file.write_text(json.dumps(state))
         state_file.chmod(0o600)
@@ -60,7 +67,25 @@ class Command(BaseCommand):
                     f"  password:  {state['password']}",
                     f"  API key:   {state['api_key']}",
                     f"  workspace: {workspace.slug}",
+                    f"  demo MCP server: {server.id if server else '(not registered)'} -> {DEMO_UPSTREAM_URL}",
+                    f"  proxy URL: http://127.0.0.1:8000/api/v1/external-mcp/{server.id}/mcp" if server else "",
                     "",
                 ]
             )
         )
+
+    def _demo_server(self, workspace: Workspace, user: object) -> ExternalMcpServer | None:
+        server = ExternalMcpServer.objects.filter(workspace=workspace, name=DEMO_SERVER).first()
+        if server is not None:
+            return server
+        try:
+            return server_create(
+                workspace=workspace, actor=user, name=DEMO_SERVER, base_url=DEMO_UPSTREAM_URL,
+                description="Started by make run: echo, add and count (with progress).", tags=["demo"],
+            )
+        except ValidationError as exc:
+            self.stderr.write(
+                f"Demo server not registered ({'; '.join(exc.messages)}). make run sets "
+                "EXTERNAL_MCP_ALLOWED_PROTOCOLS=https,http and EXTERNAL_MCP_ALLOWED_NETWORKS=127.0.0.1/32."
+            )
+            return None

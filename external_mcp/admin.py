@@ -1,0 +1,52 @@
+"""Django admin for the registry: metadata only, the ciphertext is never shown or editable."""
+
+from __future__ import annotations
+
+from django.contrib import admin
+from django.http import HttpRequest
+
+from external_mcp.models import AuditEvent, ExternalMcpCredential, ExternalMcpServer
+
+
+class CredentialInline(admin.StackedInline):
+    model = ExternalMcpCredential
+    can_delete = False
+    extra = 0
+    exclude = ["ciphertext"]
+    readonly_fields = ["key_id", "fingerprint", "created_at", "rotated_at", "expires_at", "cert_subject",
+                       "cert_issuer", "cert_not_after"]
+
+    def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+
+@admin.register(ExternalMcpServer)
+class ServerAdmin(admin.ModelAdmin):
+    """Read-mostly: writes must go through the API or UI so they are validated and audited."""
+
+    list_display = ["name", "workspace", "status", "auth_type", "enabled", "last_checked_at", "last_latency_ms"]
+    list_filter = ["status", "auth_type", "enabled"]
+    list_select_related = ["workspace"]
+    search_fields = ["name", "description"]
+    readonly_fields = [f.name for f in ExternalMcpServer._meta.fields]
+    inlines = [CredentialInline]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+
+@admin.register(AuditEvent)
+class AuditEventAdmin(admin.ModelAdmin):
+    list_display = ["at", "action", "server_name", "actor", "workspace"]
+    list_filter = ["action"]
+    list_select_related = ["actor", "workspace"]
+    readonly_fields = ["workspace", "server", "server_name", "actor", "action", "changes", "at"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False

@@ -1,0 +1,57 @@
+"""Status, auth and transport values with their labels, colours and sort order in one place."""
+
+from __future__ import annotations
+
+from django.db import models
+
+
+class ServerStatus(models.TextChoices):
+    NEW = "new", "New"
+    HEALTHY = "healthy", "Healthy"
+    WARNING = "warning", "Warning"
+    DOWN = "down", "Down"
+    DISABLED = "disabled", "Disabled"
+
+
+# Down sorts first: what is broken is what an admin must see.
+STATUS_SORT_ORDER = {
+    ServerStatus.DOWN: 0,
+    ServerStatus.WARNING: 1,
+    ServerStatus.NEW: 2,
+    ServerStatus.HEALTHY: 3,
+    ServerStatus.DISABLED: 4,
+}
+
+STATUS_COLOURS = {
+    ServerStatus.DOWN: "down",
+    ServerStatus.WARNING: "warn",
+    ServerStatus.NEW: "new",
+    ServerStatus.HEALTHY: "ok",
+    ServerStatus.DISABLED: "off",
+}
+
+
+class AuthType(models.TextChoices):
+    NONE = "none", "None"
+    API_KEY = "api_key", "API key header"
+    BASIC = "basic", "Basic auth"
+    BEARER = "bearer", "Bearer token"
+    MTLS = "mtls", "Client certificate (mTLS)"
+    OAUTH2 = "oauth2", "OAuth 2.0 (reserved)"
+
+
+SUPPORTED_AUTH_TYPES = [t for t in AuthType.values if t != AuthType.OAUTH2]
+SUPPORTED_AUTH_TYPE_CHOICES = [(t, AuthType(t).label) for t in SUPPORTED_AUTH_TYPES]
+
+
+class Transport(models.TextChoices):
+    STREAMABLE_HTTP = "streamable_http", "Streamable HTTP"
+
+
+class AuditAction(models.TextChoices):
+    CREATE = "create", "Created"
+    UPDATE = "update", "Updated"
+    DELETE = "delete", "Deleted"
+    ROTATE = "credentials.rotate", "Credentials rotated"
+    REENCRYPT = "credentials.reencrypt", "Credentials re-encrypted"
+    DECRYPT_FAILED = "credentials.decrypt_failed", "Credentials could not be decrypted"

@@ -1,0 +1,101 @@
+"""API shapes. Secrets are write-only: reads show ``has_credentials`` and non-secret metadata."""
+
+from __future__ import annotations
+
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from external_mcp.choices import SUPPORTED_AUTH_TYPE_CHOICES, AuthType, ServerStatus, Transport
+from external_mcp.models import AuditEvent, ExternalMcpCredential, ExternalMcpServer
+
+
+class CredentialMetadataSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = ExternalMcpCredential
+        fields = ["fingerprint", "key_id", "created_at", "rotated_at", "expires_at", "cert_subject",
+                  "cert_issuer", "cert_not_after"]
+        read_only_fields = fields
+
+
+class ServerSerializer(serializers.ModelSerializer):
+    workspace = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+    created_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    has_credentials = serializers.SerializerMethodField()
+    credential = serializers.SerializerMethodField()
+
+    class Meta:
+        model = ExternalMcpServer
+        fields = [
+            "id", "workspace", "name", "base_url", "transport", "auth_type", "status", "error_message", "enabled",
+            "description", "tags", "last_checked_at", "last_ok_at", "last_latency_ms", "consecutive_failures",
+            "check_interval_seconds", "next_check_at", "has_credentials", "credential", "created_by",
+            "created_at", "updated_at",
+        ]
+        read_only_fields = fields
+
+    def get_has_credentials(self, server: ExternalMcpServer) -> bool:
+        return server.has_credentials
+
+    @extend_schema_field(CredentialMetadataSerializer(allow_null=True))
+    def get_credential(self, server: ExternalMcpServer) -> dict | None:
+        if not server.has_credentials:
+            return None
+        return CredentialMetadataSerializer(server.credential).data
+
+
+CREDENTIALS_HELP = (
+    "Secret payload by auth_type — api_key: {header, value}; basic: {username, password}; bearer: {token}; "
+    "mtls: {client_cert_pem, client_key_pem, ca_bundle_pem?}; none: omit. Write-only."
+)
+
+
+class ServerWriteSerializer(serializers.Serializer):
+    """Type checks only; the rules live in external_mcp.services."""
+
+    workspace = serializers.SlugField(required=False, help_text="Workspace slug (defaults to the key's).")
+    name = serializers.CharField(max_length=100)
+    base_url = serializers.CharField(max_length=2048, help_text="The server's MCP endpoint URL.")
+    transport = serializers.ChoiceField(choices=Transport.choices, default=Transport.STREAMABLE_HTTP)
+    auth_type = serializers.ChoiceField(choices=SUPPORTED_AUTH_TYPE_CHOICES,
+                                        default=AuthType.NONE)
+    credentials = serializers.JSONField(required=False, allow_null=True, write_only=True, help_text=CREDENTIALS_HELP)
+    credentials_expires_at = serializers.DateTimeField(required=False, allow_null=True)
+    description = serializers.CharField(required=False, allow_blank=True, max_length=2000, default="")
+    tags = serializers.ListField(child=serializers.CharField(max_length=40), required=False, max_length=20,
+                                 default=list)
+    enabled = serializers.BooleanField(required=False, default=True)
+    check_interval_seconds = serializers.IntegerField(required=False, min_value=15, max_value=86400, default=60)
+
+
+class ServerUpdateSerializer(ServerWriteSerializer):
+    name = serializers.CharField(max_length=100, required=False)
+    base_url = serializers.CharField(max_length=2048, required=False)
+    transport = serializers.ChoiceField(choices=Transport.choices, required=False)
+    auth_type = serializers.ChoiceField(choices=SUPPORTED_AUTH_TYPE_CHOICES,
+                                        required=False)
+    description = serializers.CharField(required=False, allow_blank=True, max_length=2000)
+    tags = serializers.ListField(child=serializers.CharField(max_length=40), required=False, max_length=20)
+    enabled = serializers.BooleanField(required=False)
+    check_interval_seconds = serializers.IntegerField(required=False, min_value=15, max_value=86400)
+
+
+class CredentialsRotateSerializer(serializers.Serializer):
+    auth_type = serializers.ChoiceField(choices=SUPPORTED_AUTH_TYPE_CHOICES,
+                                        required=False)
+    credentials = serializers.JSONField(write_only=True, help_text=CREDENTIALS_HELP)
+    expires_at = serializers.DateTimeField(required=False, allow_null=True)
+
+
+class ServerFilterSerializer(serializers.Serializer):
+    status = serializers.ChoiceField(choices=ServerStatus.choices, required=False)
+    tag = serializers.CharField(required=False, max_length=40)
+    search = serializers.CharField(required=False, max_length=100)
+
+
+class AuditEventSerializer(serializers.ModelSerializer):
+    actor = serializers.SlugRelatedField(slug_field="username", read_only=True)
+
+    class Meta:
+        model = AuditEvent
+        fields = ["id", "server_name", "actor", "action", "changes", "at"]
+        read_only_fields = fields

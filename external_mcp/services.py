@@ -1,0 +1,306 @@
+"""Writes to the server registry. Every change validates, encrypts and leaves an audit event."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from external_mcp import crypto
+from external_mcp.choices import SUPPORTED_AUTH_TYPES, AuditAction, AuthType, ServerStatus, Transport
+from external_mcp.credentials import CleanCredentials, validate_credentials
+from external_mcp.models import AuditEvent, ExternalMcpCredential, ExternalMcpServer
+from external_mcp.urlpolicy import UrlPolicyError, validate_url
+from twinmcp.api_errors import LimitReached
+from twinmcp.models import Workspace
+
+logger = logging.getLogger(__name__)
+
+MAX_TAGS = 20
+MAX_TAG_CHARS = 40
+EDITABLE_FIELDS = ("name", "base_url", "description", "tags", "enabled", "transport", "check_interval_seconds")
+
+
+class CredentialUnavailable(Exception):
+    """The stored credential cannot be decrypted with the current key ring."""
+
+
+def _clean_url(base_url: str) -> str:
+    try:
+        return validate_url(base_url).url
+    except UrlPolicyError as exc:
+        raise ValidationError({"base_url": [str(exc)]}) from None
+
+
+def _clean_tags(tags: Any) -> list[str]:
+    if tags in (None, ""):
+        return []
+    if isinstance(tags, str):
+        tags = tags.split(",")
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise ValidationError({"tags": ["A list of strings is expected."]})
+    clean: list[str] = []
+    for tag in (t.strip().lower() for t in tags):
+        if not tag:
+            continue
+        if len(tag) > MAX_TAG_CHARS or "," in tag:
+            raise ValidationError({"tags": [f"Tags are at most {MAX_TAG_CHARS} characters, without commas."]})
+        if tag not in clean:
+            clean.append(tag)
+    if len(clean) > MAX_TAGS:
+        raise ValidationError({"tags": [f"At most {MAX_TAGS} tags."]})
+    return clean
+
+
+def _clean_name(name: Any) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise ValidationError({"name": ["This field is required."]})
+    name = name.strip()
+    if len(name) > 100:
+        raise ValidationError({"name": ["At most 100 characters."]})
+    return name
+
+
+def _clean_interval(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 15 <= value <= 86400:
+        raise ValidationError({"check_interval_seconds": ["A whole number of seconds from 15 to 86400."]})
+    return value
+
+
+def _apply_fields(server: ExternalMcpServer, fields: dict[str, Any]) -> dict[str, Any]:
+    """Set validated editable fields; return the non-secret changes for the audit trail."""
+    changes: dict[str, Any] = {}
+    for key, value in fields.items():
+        if key not in EDITABLE_FIELDS:
+            raise ValidationError({key: ["This field cannot be changed here."]})
+        if key == "name":
+            value = _clean_name(value)
+        elif key == "base_url":
+            value = _clean_url(value)
+        elif key == "tags":
+            value = _clean_tags(value)
+            server.tags_index = "," + ",".join(value) + "," if value else ""
+        elif key == "description":
+            value = str(value or "")[:2000]
+        elif key == "enabled":
+            if not isinstance(value, bool):
+                raise ValidationError({"enabled": ["Must be true or false."]})
+        elif key == "transport":
+            if value not in Transport.values:
+                raise ValidationError({"transport": [f"Choose one of {', '.join(Transport.values)}."]})
+        elif key == "check_interval_seconds":
+            value = _clean_interval(value)
+        if getattr(server, key) != value:
+            changes[key] = value
+            setattr(server, key, value)
+    return changes
+
+
+def _clean_auth(auth_type: Any, credentials: Any) -> CleanCredentials | None:
+    if auth_type not in SUPPORTED_AUTH_TYPES:
+        if auth_type == AuthType.OAUTH2:
+            raise ValidationError({"auth_type": ["oauth2 is reserved for a later release."]})
+        raise ValidationError({"auth_type": [f"Choose one of {', '.join(SUPPORTED_AUTH_TYPES)}."]})
+    return validate_credentials(auth_type, credentials)
+
+
+def _store_credentials(
+    *, server: ExternalMcpServer, clean: CleanCredentials | None, expires_at: datetime | None, rotated: bool
+) -> None:
+    if clean is None:
+        ExternalMcpCredential.objects.filter(server=server).delete()
+        return
+    now = timezone.now()
+    values = {
+        "ciphertext": crypto.encrypt_json(clean.payload, context=str(server.pk)),
+        "key_id": crypto.current_key_id(),
+        "fingerprint": crypto.fingerprint(clean.payload),
+        "rotated_at": now if rotated else None,
+        "expires_at": expires_at,
+        "cert_subject": clean.cert_subject,
+        "cert_issuer": clean.cert_issuer,
+        "cert_not_after": clean.cert_not_after,
+    }
+    ExternalMcpCredential.objects.update_or_create(server=server, defaults=values)
+
+
+def _audit(*, server: ExternalMcpServer, actor: AbstractBaseUser | None, action: str, changes: dict) -> None:
+    AuditEvent.objects.create(
+        workspace_id=server.workspace_id,
+        server=server if action != AuditAction.DELETE else None,
+        server_name=server.name,
+        actor=actor,
+        action=action,
+        changes=changes,
+    )
+
+
+def _name_taken() -> ValidationError:
+    return ValidationError({"name": ["A server with this name already exists in this workspace."]})
+
+
+@transaction.atomic
+def server_create(
+    *,
+    workspace: Workspace,
+    actor: AbstractBaseUser | None,
+    name: str,
+    base_url: str,
+    auth_type: str = AuthType.NONE,
+    credentials: dict | None = None,
+    credentials_expires_at: datetime | None = None,
+    description: str = "",
+    tags: list[str] | None = None,
+    enabled: bool = True,
+    transport: str = Transport.STREAMABLE_HTTP,
+    check_interval_seconds: int = 60,
+) -> ExternalMcpServer:
+    server = ExternalMcpServer(workspace=workspace, created_by=actor)
+    changes = _apply_fields(
+        server,
+        {
+            "name": name, "base_url": base_url, "description": description, "tags": tags or [],
+            "enabled": enabled, "transport": transport, "check_interval_seconds": check_interval_seconds,
+        },
+    )
+    clean = _clean_auth(auth_type, credentials)
+    server.auth_type = auth_type
+    server.status = ServerStatus.NEW if enabled else ServerStatus.DISABLED
+    # Lock the workspace row so two concurrent creations cannot both pass the cap.
+    Workspace.objects.select_for_update().filter(pk=workspace.pk).first()
+    if ExternalMcpServer.objects.filter(workspace=workspace).count() >= settings.EXTERNAL_MCP_MAX_PER_ORG:
+        raise LimitReached(
+            f"This workspace already has {settings.EXTERNAL_MCP_MAX_PER_ORG} servers, the maximum "
+            "(EXTERNAL_MCP_MAX_PER_ORG); delete one first."
+        )
+    try:
+        with transaction.atomic():
+            server.save()
+    except IntegrityError:
+        raise _name_taken() from None
+    _store_credentials(server=server, clean=clean, expires_at=credentials_expires_at, rotated=False)
+    _audit(server=server, actor=actor, action=AuditAction.CREATE, changes={**changes, "auth_type": auth_type})
+    return server
+
+
+@transaction.atomic
+def server_update(
+    *, server: ExternalMcpServer, actor: AbstractBaseUser | None, **fields: Any
+) -> ExternalMcpServer:
+    """Update non-secret fields; changing ``auth_type`` needs the new type's ``credentials``."""
+    server = ExternalMcpServer.objects.select_for_update().get(pk=server.pk)
+    auth_type = fields.pop("auth_type", None)
+    credentials = fields.pop("credentials", None)
+    expires_at = fields.pop("credentials_expires_at", None)
+    changes = _apply_fields(server, fields)
+    if "enabled" in changes:
+        server.status = ServerStatus.NEW if server.enabled else ServerStatus.DISABLED
+        server.next_check_at = timezone.now()
+    if auth_type is not None and auth_type != server.auth_type:
+        clean = _clean_auth(auth_type, credentials)
+        server.auth_type = auth_type
+        changes["auth_type"] = auth_type
+        _store_credentials(server=server, clean=clean, expires_at=expires_at, rotated=True)
+    elif credentials is not None:
+        raise ValidationError({"credentials": ["Replace secrets with PUT …/credentials/."]})
+    try:
+        with transaction.atomic():
+            server.save()
+    except IntegrityError:
+        raise _name_taken() from None
+    if changes:
+        _audit(server=server, actor=actor, action=AuditAction.UPDATE, changes=changes)
+    return server
+
+
+@transaction.atomic
+def server_delete(*, server: ExternalMcpServer, actor: AbstractBaseUser | None) -> None:
+    _audit(server=server, actor=actor, action=AuditAction.DELETE, changes={"id": str(server.pk)})
+    server.delete()
+
+
+@transaction.atomic
+def credentials_rotate(
+    *,
+    server: ExternalMcpServer,
+    actor: AbstractBaseUser | None,
+    credentials: Any,
+    auth_type: str | None = None,
+    expires_at: datetime | None = None,
+) -> ExternalMcpServer:
+    """Replace the secret. The old ciphertext is overwritten in place: no copy is kept."""
+    server = ExternalMcpServer.objects.select_for_update().get(pk=server.pk)
+    auth_type = auth_type or server.auth_type
+    clean = _clean_auth(auth_type, credentials)
+    if clean is None and auth_type == server.auth_type:
+        raise ValidationError({"credentials": ["auth_type 'none' has no credentials to rotate."]})
+    changes: dict[str, Any] = {}
+    if auth_type != server.auth_type:
+        changes["auth_type"] = auth_type
+        server.auth_type = auth_type
+    if server.error_message.startswith("Stored credentials"):
+        server.error_message = ""
+    server.save()
+    _store_credentials(server=server, clean=clean, expires_at=expires_at, rotated=True)
+    if clean is not None:
+        changes["fingerprint"] = crypto.fingerprint(clean.payload)
+    _audit(server=server, actor=actor, action=AuditAction.ROTATE, changes=changes)
+    return server
+
+
+def credentials_payload(*, server: ExternalMcpServer) -> dict[str, str] | None:
+    """The decrypted payload, for outbound calls only. A credential no key can decrypt marks
+    the server with a clear error instead of failing the caller with a 500."""
+    if server.auth_type == AuthType.NONE:
+        return None
+    credential = ExternalMcpCredential.objects.filter(server=server).first()
+    if credential is None:
+        raise CredentialUnavailable("No credentials are stored for this server; set them again.")
+    try:
+        return crypto.decrypt_json(credential.ciphertext, context=str(server.pk))
+    except crypto.DecryptionError as exc:
+        message = f"Stored credentials cannot be decrypted ({exc}); set them again or restore the key."
+        ExternalMcpServer.objects.filter(pk=server.pk).update(error_message=message)
+        logger.error("credential decryption failed for server %s: %s", server.pk, exc)
+        raise CredentialUnavailable(message) from None
+
+
+def credentials_reencrypt_all(*, batch_size: int = 200) -> tuple[int, int]:
+    """Re-encrypt every credential made by an older key with the first key of the ring.
+
+    Returns (changed, still_old): rows that could not be decrypted stay on their old key."""
+    current = crypto.current_key_id()
+    changed = 0
+    failed_ids: set[int] = set()
+    while True:
+        with transaction.atomic():
+            batch = list(
+                ExternalMcpCredential.objects.select_for_update(skip_locked=True)
+                .exclude(key_id=current)
+                .exclude(pk__in=failed_ids)
+                .select_related("server")
+                .order_by("pk")[:batch_size]
+            )
+            if not batch:
+                break
+            for credential in batch:
+                try:
+                    credential.ciphertext = crypto.reencrypt(credential.ciphertext, context=str(credential.server_id))
+                except crypto.DecryptionError as exc:
+                    failed_ids.add(credential.pk)
+                    _audit(server=credential.server, actor=None, action=AuditAction.DECRYPT_FAILED,
+                           changes={"error": str(exc)})
+                    continue
+                credential.key_id = current
+                credential.save(update_fields=["ciphertext", "key_id"])
+                _audit(server=credential.server, actor=None, action=AuditAction.REENCRYPT,
+                       changes={"key_id": current})
+                changed += 1
+    still_old = ExternalMcpCredential.objects.exclude(key_id=current).count()
+    return changed, still_old
