@@ -15,15 +15,21 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from external_mcp import services
-from external_mcp.choices import ServerStatus
+from external_mcp import catalog, health, services
+from external_mcp.choices import ServerStatus, ToolState
 from external_mcp.models import ExternalMcpServer
 from external_mcp.serializers import (
+    ChecksSerializer,
     CredentialsRotateSerializer,
+    HealthCheckSerializer,
     ServerFilterSerializer,
     ServerSerializer,
     ServerUpdateSerializer,
     ServerWriteSerializer,
+    StatusChangeSerializer,
+    TestResultSerializer,
+    ToolApproveSerializer,
+    ToolSerializer,
 )
 from twinmcp.flags import ExternalMcpEnabled
 from twinmcp.models import Membership, Role
@@ -126,3 +132,89 @@ class ServerCredentials(ExternalMcpView):
             expires_at=form.validated_data.get("expires_at"),
         )
         return Response(ServerSerializer(self.get_server(server_id)).data)
+
+
+class ServerTest(ExternalMcpView):
+    """Run one check now and return what it found (admins only; bounded by the health timeout)."""
+
+    @extend_schema(request=None, responses=TestResultSerializer)
+    def post(self, request: Request, server_id: Any) -> Response:
+        server = self.get_server(server_id)
+        self.require_admin(server)
+        result, server = health.check_now(server)
+        server = self.get_server(server_id)
+        data = {
+            "ok": result.ok, "error_class": result.error_class, "error_message": result.error_message,
+            "hint": result.hint, "protocol_version": result.protocol_version, "era": result.era,
+            "server_name": result.server_name, "server_version": result.server_version,
+            "latency_ms": result.total_ms, "timings_ms": result.timings_ms, "status": server.status,
+            "server": ServerSerializer(server).data,
+            "tools": ToolSerializer(server.tools.exclude(state=ToolState.REMOVED), many=True).data,
+        }
+        return Response(data)
+
+
+class ServerTools(ExternalMcpView):
+    @extend_schema(responses=ToolSerializer(many=True))
+    def get(self, request: Request, server_id: Any) -> Response:
+        server = self.get_server(server_id)
+        return Response(ToolSerializer(server.tools.all(), many=True).data)
+
+
+class ServerToolsApprove(ExternalMcpView):
+    @extend_schema(request=ToolApproveSerializer, responses=ToolSerializer(many=True))
+    def post(self, request: Request, server_id: Any) -> Response:
+        server = self.get_server(server_id)
+        self.require_admin(server)
+        form = ToolApproveSerializer(data=request.data)
+        form.is_valid(raise_exception=True)
+        catalog.tools_approve(server=server, actor=request.user, names=form.validated_data.get("names"),
+                              select_all=form.validated_data["all"])
+        return Response(ToolSerializer(server.tools.all(), many=True).data)
+
+
+class ServerChecks(ExternalMcpView):
+    @extend_schema(responses=ChecksSerializer)
+    def get(self, request: Request, server_id: Any) -> Response:
+        server = self.get_server(server_id)
+        data = {
+            "checks": HealthCheckSerializer(server.checks.all()[:50], many=True).data,
+            "status_changes": StatusChangeSerializer(server.status_changes.all()[:50], many=True).data,
+        }
+        return Response(data)
+
+
+PROXY_DESCRIPTION = (
+    "MCP Streamable HTTP endpoint of one external server, for agents. Authenticate with "
+    "`Authorization: Bearer tmcp_…`. POST carries JSON-RPC messages (answers are JSON or an SSE stream), "
+    "GET opens the server-to-client SSE stream, DELETE ends a session. Free-plan users get "
+    "EXTERNAL_MCP_FREE_DAILY_LIMIT tools/call per UTC day; beyond that: HTTP 429 with RateLimit headers and "
+    "a JSON-RPC error whose data is {limit, remaining, reset_at, plan, upgrade_url}. Served by the ASGI "
+    "proxy in external_mcp/proxy.py."
+)
+
+
+class ProxyEndpoint(APIView):
+    """Documents the proxy path. Under uvicorn the ASGI router answers this path before Django;
+    this view only answers when Django is served without it (WSGI), and says so."""
+
+    authentication_classes: list = []
+    permission_classes: list = []
+
+    def _not_here(self) -> Response:
+        return Response({"detail": "The MCP proxy is served by the ASGI application (uvicorn twinmcp.asgi)."},
+                        status=status.HTTP_503_SERVICE_UNAVAILABLE)
+
+    @extend_schema(description=PROXY_DESCRIPTION, request={"application/json": dict},
+                   responses={200: dict, 202: None, 401: dict, 404: dict, 429: dict, 502: dict, 504: dict},
+                   tags=["mcp proxy"])
+    def post(self, request: Request, server_id: Any) -> Response:
+        return self._not_here()
+
+    @extend_schema(description=PROXY_DESCRIPTION, responses={200: str}, tags=["mcp proxy"])
+    def get(self, request: Request, server_id: Any) -> Response:
+        return self._not_here()
+
+    @extend_schema(description=PROXY_DESCRIPTION, responses={200: None, 204: None}, tags=["mcp proxy"])
+    def delete(self, request: Request, server_id: Any) -> Response:
+        return self._not_here()

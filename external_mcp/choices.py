@@ -55,3 +55,21 @@ class AuditAction(models.TextChoices):
     ROTATE = "credentials.rotate", "Credentials rotated"
     REENCRYPT = "credentials.reencrypt", "Credentials re-encrypted"
     DECRYPT_FAILED = "credentials.decrypt_failed", "Credentials could not be decrypted"
+    TOOLS_APPROVE = "tools.approve", "Tools approved"
+    TOOLS_DISABLE = "tools.disable", "Tools disabled"
+
+
+class ToolState(models.TextChoices):
+    PENDING = "pending", "Pending approval"
+    APPROVED = "approved", "Approved"
+    CHANGED = "changed", "Changed (quarantined)"
+    DISABLED = "disabled", "Disabled"
+    REMOVED = "removed", "Removed"
+
+
+class NotificationKind(models.TextChoices):
+    WARNING = "server.warning", "Server warning"
+    DOWN = "server.down", "Server down"
+    RECOVERED = "server.recovered", "Server recovered"
+    TOOL_CHANGED = "tool.changed", "Tool definition changed"
+    ALERT = "alert.failure_ratio", "Many health checks failing"

@@ -9,7 +9,7 @@ from django.db import models
 from django.db.models.functions import Lower
 from django.utils import timezone
 
-from external_mcp.choices import AuditAction, AuthType, ServerStatus, Transport
+from external_mcp.choices import AuditAction, AuthType, NotificationKind, ServerStatus, ToolState, Transport
 from twinmcp.models import Membership, Role, Workspace
 
 
@@ -53,6 +53,8 @@ class ExternalMcpServer(models.Model):
     consecutive_failures = models.PositiveIntegerField(default=0)
     check_interval_seconds = models.PositiveIntegerField(default=60)
     next_check_at = models.DateTimeField(default=timezone.now, db_index=True)
+    protocol_version = models.CharField(max_length=20, blank=True, default="")
+    server_info = models.JSONField(default=dict, blank=True)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
@@ -118,3 +120,104 @@ class AuditEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.action} {self.server_name} by {self.actor_id} at {self.at:%Y-%m-%d %H:%M}"
+
+
+class HealthCheck(models.Model):
+    """One check's outcome: the hard facts the status is derived from."""
+
+    server = models.ForeignKey(ExternalMcpServer, on_delete=models.CASCADE, related_name="checks")
+    checked_at = models.DateTimeField(default=timezone.now)
+    ok = models.BooleanField()
+    slow = models.BooleanField(default=False)
+    error_class = models.CharField(max_length=16, blank=True, default="")
+    error_message = models.TextField(blank=True, default="")
+    latency_ms = models.PositiveIntegerField(null=True, blank=True)
+    protocol_version = models.CharField(max_length=20, blank=True, default="")
+    timings_ms = models.JSONField(default=dict, blank=True)
+    tool_count = models.PositiveIntegerField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-checked_at"]
+        indexes = [models.Index(fields=["server", "-checked_at"]), models.Index(fields=["checked_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.server_id} {'ok' if self.ok else self.error_class} at {self.checked_at:%H:%M:%S}"
+
+
+class StatusChange(models.Model):
+    server = models.ForeignKey(ExternalMcpServer, on_delete=models.CASCADE, related_name="status_changes")
+    old = models.CharField(max_length=16, choices=ServerStatus.choices)
+    new = models.CharField(max_length=16, choices=ServerStatus.choices)
+    reason = models.TextField(blank=True, default="")
+    at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-at"]
+        indexes = [models.Index(fields=["server", "-at"])]
+
+    def __str__(self) -> str:
+        return f"{self.server_id}: {self.old} -> {self.new}"
+
+
+class ToolQuerySet(models.QuerySet["ExternalMcpTool"]):
+    def callable(self) -> ToolQuerySet:
+        return self.filter(state=ToolState.APPROVED)
+
+
+class ExternalMcpTool(models.Model):
+    """A tool as the upstream defines it, pinned by hash: only approved definitions are callable."""
+
+    server = models.ForeignKey(ExternalMcpServer, on_delete=models.CASCADE, related_name="tools")
+    name = models.CharField(max_length=200)
+    title = models.CharField(max_length=300, blank=True, default="")
+    description = models.TextField(blank=True, default="")
+    input_schema = models.JSONField(default=dict, blank=True)
+    output_schema = models.JSONField(null=True, blank=True)
+    annotations = models.JSONField(null=True, blank=True)
+    definition = models.JSONField(default=dict)
+    definition_hash = models.CharField(max_length=64)
+    state = models.CharField(max_length=16, choices=ToolState.choices, default=ToolState.PENDING)
+    approved_definition = models.JSONField(null=True, blank=True)
+    approved_hash = models.CharField(max_length=64, blank=True, default="")
+    approved_at = models.DateTimeField(null=True, blank=True)
+    approved_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    first_seen_at = models.DateTimeField(default=timezone.now)
+    last_seen_at = models.DateTimeField(default=timezone.now)
+    changed_at = models.DateTimeField(null=True, blank=True)
+
+    objects = ToolQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [models.UniqueConstraint(fields=["server", "name"], name="external_mcp_tool_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.state})"
+
+
+class Notification(models.Model):
+    """An in-app notification for one admin; ``dedup_key`` makes each transition notify once."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="notifications")
+    workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="notifications")
+    server = models.ForeignKey(
+        ExternalMcpServer, null=True, blank=True, on_delete=models.CASCADE, related_name="notifications"
+    )
+    kind = models.CharField(max_length=32, choices=NotificationKind.choices)
+    title = models.CharField(max_length=200)
+    body = models.TextField(blank=True, default="")
+    dedup_key = models.CharField(max_length=200)
+    created_at = models.DateTimeField(default=timezone.now)
+    read_at = models.DateTimeField(null=True, blank=True)
+    email_sent_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [models.UniqueConstraint(fields=["user", "dedup_key"], name="notification_dedup")]
+        indexes = [models.Index(fields=["user", "read_at"])]
+
+    def __str__(self) -> str:
+        return self.title

@@ -6,7 +6,14 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from external_mcp.choices import SUPPORTED_AUTH_TYPE_CHOICES, AuthType, ServerStatus, Transport
-from external_mcp.models import AuditEvent, ExternalMcpCredential, ExternalMcpServer
+from external_mcp.models import (
+    AuditEvent,
+    ExternalMcpCredential,
+    ExternalMcpServer,
+    ExternalMcpTool,
+    HealthCheck,
+    StatusChange,
+)
 
 
 class CredentialMetadataSerializer(serializers.ModelSerializer):
@@ -64,7 +71,7 @@ class ServerWriteSerializer(serializers.Serializer):
     tags = serializers.ListField(child=serializers.CharField(max_length=40), required=False, max_length=20,
                                  default=list)
     enabled = serializers.BooleanField(required=False, default=True)
-    check_interval_seconds = serializers.IntegerField(required=False, min_value=15, max_value=86400, default=60)
+    check_interval_seconds = serializers.IntegerField(required=False, min_value=15, max_value=86400)
 
 
 class ServerUpdateSerializer(ServerWriteSerializer):
@@ -99,3 +106,58 @@ class AuditEventSerializer(serializers.ModelSerializer):
         model = AuditEvent
         fields = ["id", "server_name", "actor", "action", "changes", "at"]
         read_only_fields = fields
+
+
+class ToolSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = ExternalMcpTool
+        fields = ["name", "title", "description", "input_schema", "output_schema", "annotations", "state",
+                  "definition_hash", "approved_hash", "approved_definition", "definition", "first_seen_at",
+                  "last_seen_at", "approved_at", "changed_at"]
+        read_only_fields = fields
+
+
+class ToolApproveSerializer(serializers.Serializer):
+    names = serializers.ListField(child=serializers.CharField(max_length=200), required=False, max_length=5000)
+    all = serializers.BooleanField(required=False, default=False)
+
+    def validate(self, attrs: dict) -> dict:
+        if not attrs.get("all") and not attrs.get("names"):
+            raise serializers.ValidationError({"names": ["Give tool names, or all=true."]})
+        return attrs
+
+
+class HealthCheckSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = HealthCheck
+        fields = ["checked_at", "ok", "slow", "error_class", "error_message", "latency_ms", "protocol_version",
+                  "timings_ms", "tool_count"]
+        read_only_fields = fields
+
+
+class StatusChangeSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = StatusChange
+        fields = ["old", "new", "reason", "at"]
+        read_only_fields = fields
+
+
+class ChecksSerializer(serializers.Serializer):
+    checks = HealthCheckSerializer(many=True)
+    status_changes = StatusChangeSerializer(many=True)
+
+
+class TestResultSerializer(serializers.Serializer):
+    ok = serializers.BooleanField()
+    error_class = serializers.CharField()
+    error_message = serializers.CharField()
+    hint = serializers.CharField()
+    protocol_version = serializers.CharField()
+    era = serializers.CharField()
+    server_name = serializers.CharField()
+    server_version = serializers.CharField()
+    latency_ms = serializers.FloatField()
+    timings_ms = serializers.DictField(child=serializers.FloatField())
+    status = serializers.CharField()
+    server = ServerSerializer()
+    tools = ToolSerializer(many=True)

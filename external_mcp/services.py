@@ -16,6 +16,7 @@ from external_mcp import crypto
 from external_mcp.choices import SUPPORTED_AUTH_TYPES, AuditAction, AuthType, ServerStatus, Transport
 from external_mcp.credentials import CleanCredentials, validate_credentials
 from external_mcp.models import AuditEvent, ExternalMcpCredential, ExternalMcpServer
+from external_mcp.status import transition
 from external_mcp.urlpolicy import UrlPolicyError, validate_url
 from twinmcp.api_errors import LimitReached
 from twinmcp.models import Workspace
@@ -159,14 +160,15 @@ def server_create(
     tags: list[str] | None = None,
     enabled: bool = True,
     transport: str = Transport.STREAMABLE_HTTP,
-    check_interval_seconds: int = 60,
+    check_interval_seconds: int | None = None,
 ) -> ExternalMcpServer:
     server = ExternalMcpServer(workspace=workspace, created_by=actor)
     changes = _apply_fields(
         server,
         {
             "name": name, "base_url": base_url, "description": description, "tags": tags or [],
-            "enabled": enabled, "transport": transport, "check_interval_seconds": check_interval_seconds,
+            "enabled": enabled, "transport": transport,
+            "check_interval_seconds": check_interval_seconds or settings.EXTERNAL_MCP_HEALTH_INTERVAL_SECONDS,
         },
     )
     clean = _clean_auth(auth_type, credentials)
@@ -186,6 +188,7 @@ def server_create(
         raise _name_taken() from None
     _store_credentials(server=server, clean=clean, expires_at=credentials_expires_at, rotated=False)
     _audit(server=server, actor=actor, action=AuditAction.CREATE, changes={**changes, "auth_type": auth_type})
+    transaction.on_commit(lambda: _queue_check(server.pk))
     return server
 
 
@@ -199,8 +202,7 @@ def server_update(
     credentials = fields.pop("credentials", None)
     expires_at = fields.pop("credentials_expires_at", None)
     changes = _apply_fields(server, fields)
-    if "enabled" in changes:
-        server.status = ServerStatus.NEW if server.enabled else ServerStatus.DISABLED
+    if "enabled" in changes or "base_url" in changes:
         server.next_check_at = timezone.now()
     if auth_type is not None and auth_type != server.auth_type:
         clean = _clean_auth(auth_type, credentials)
@@ -214,8 +216,12 @@ def server_update(
             server.save()
     except IntegrityError:
         raise _name_taken() from None
+    if "enabled" in changes:
+        reason = f"{'Enabled' if server.enabled else 'Disabled'} by {getattr(actor, 'username', 'the system')}."
+        transition(server=server, new=ServerStatus.NEW if server.enabled else ServerStatus.DISABLED, reason=reason)
     if changes:
         _audit(server=server, actor=actor, action=AuditAction.UPDATE, changes=changes)
+        transaction.on_commit(lambda: _queue_check(server.pk))
     return server
 
 
@@ -251,7 +257,18 @@ def credentials_rotate(
     if clean is not None:
         changes["fingerprint"] = crypto.fingerprint(clean.payload)
     _audit(server=server, actor=actor, action=AuditAction.ROTATE, changes=changes)
+    transaction.on_commit(lambda: _queue_check(server.pk))
     return server
+
+
+def _queue_check(server_id: object) -> None:
+    """Check a server as soon as it is registered or changed, not at the next sweep."""
+    from external_mcp.tasks import check_server
+
+    try:
+        check_server.delay(str(server_id))
+    except Exception:  # noqa: BLE001 - the broker being down must not fail the write; the sweep will check
+        logger.warning("could not queue a check of %s; the next sweep will do it", server_id)
 
 
 def credentials_payload(*, server: ExternalMcpServer) -> dict[str, str] | None:

@@ -10,4 +10,13 @@ urlpatterns = [
         api.ServerCredentials.as_view(),
         name="external_mcp-server-credentials",
     ),
+    path("api/v1/external-mcp/servers/<uuid:server_id>/test/", api.ServerTest.as_view(),
+         name="external_mcp-server-test"),
+    path("api/v1/external-mcp/servers/<uuid:server_id>/tools/", api.ServerTools.as_view(),
+         name="external_mcp-server-tools"),
+    path("api/v1/external-mcp/servers/<uuid:server_id>/tools/approve/", api.ServerToolsApprove.as_view(),
+         name="external_mcp-server-tools-approve"),
+    path("api/v1/external-mcp/<uuid:server_id>/mcp", api.ProxyEndpoint.as_view(), name="external_mcp-proxy"),
+    path("api/v1/external-mcp/servers/<uuid:server_id>/checks/", api.ServerChecks.as_view(),
+         name="external_mcp-server-checks"),
 ]

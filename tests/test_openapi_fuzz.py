@@ -34,7 +34,9 @@ def seeded(admin, member, flag_on, settings):
 
 def test_schema_operations_never_answer_5xx(seeded, admin, wsgi_app):
     schema = schemathesis.openapi.from_wsgi("/api/schema/", wsgi_app)
-    operations = [result.ok() for result in schema.get_all_operations()]
+    # The MCP proxy path is served by the ASGI router, not this WSGI app: tests/test_proxy.py covers it.
+    operations = [op for op in (result.ok() for result in schema.get_all_operations())
+                  if not op.path.endswith("/mcp")]
     assert len(operations) >= 7
     failures: list[str] = []
     for operation in operations:

@@ -157,6 +157,7 @@ SPECTACULAR_SETTINGS = {
     "ENUM_NAME_OVERRIDES": {
         "AuthTypeEnum": "external_mcp.choices.AuthType",
         "SupportedAuthTypeEnum": "external_mcp.choices.SUPPORTED_AUTH_TYPE_CHOICES",
+        "ServerStatusEnum": "external_mcp.choices.ServerStatus",
     },
 }
 
@@ -180,7 +181,12 @@ CELERY_TASK_ALWAYS_EAGER = config.boolean("CELERY_TASK_ALWAYS_EAGER", False)
 CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
-CELERY_BEAT_SCHEDULE: dict[str, dict] = {}
+CELERY_BEAT_SCHEDULE: dict[str, dict] = {
+    "external-mcp-health-sweep": {
+        "task": "external_mcp.tasks.health_sweep",
+        "schedule": float(config.integer("EXTERNAL_MCP_HEALTH_SWEEP_SECONDS", 15)),
+    },
+}
 
 EMAIL_BACKEND = config.string("EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")
 DEFAULT_FROM_EMAIL = config.string("DEFAULT_FROM_EMAIL", "twinmcp@localhost")
@@ -204,6 +210,23 @@ EXTERNAL_MCP_ALLOWED_NETWORKS = config.networks("EXTERNAL_MCP_ALLOWED_NETWORKS",
 EXTERNAL_MCP_MAX_PER_ORG = config.integer("EXTERNAL_MCP_MAX_PER_ORG", 20)
 EXTERNAL_MCP_USAGE_RETENTION_DAYS = config.integer("EXTERNAL_MCP_USAGE_RETENTION_DAYS", 90)
 EXTERNAL_MCP_FREE_DAILY_LIMIT = config.integer("EXTERNAL_MCP_FREE_DAILY_LIMIT", 200)
+
+# The proxy.
+EXTERNAL_MCP_MAX_RESPONSE_BYTES = config.integer("EXTERNAL_MCP_MAX_RESPONSE_BYTES", 10 * 1024 * 1024)
+EXTERNAL_MCP_PROXY_MAX_BODY_BYTES = config.integer("EXTERNAL_MCP_PROXY_MAX_BODY_BYTES", 1024 * 1024)
+EXTERNAL_MCP_PROXY_STREAM_IDLE_SECONDS = config.integer("EXTERNAL_MCP_PROXY_STREAM_IDLE_SECONDS", 300)
+EXTERNAL_MCP_PROXY_CACHE_SECONDS = config.integer("EXTERNAL_MCP_PROXY_CACHE_SECONDS", 5)
+EXTERNAL_MCP_COUNTED_METHODS = config.csv_list("EXTERNAL_MCP_COUNTED_METHODS", ["tools/call"])
+EXTERNAL_MCP_TOKEN_COUNTER = config.string("EXTERNAL_MCP_TOKEN_COUNTER", "usage.tokens.ByteEstimate")
+USAGE_GROUP_COMMIT = config.boolean("USAGE_GROUP_COMMIT", True)
+
+# Health checks.
+EXTERNAL_MCP_HEALTH_INTERVAL_SECONDS = config.integer("EXTERNAL_MCP_HEALTH_INTERVAL_SECONDS", 60)
+EXTERNAL_MCP_HEALTH_TIMEOUT_MS = config.integer("EXTERNAL_MCP_HEALTH_TIMEOUT_MS", 10000)
+EXTERNAL_MCP_HEALTH_SLOW_MS = config.integer("EXTERNAL_MCP_HEALTH_SLOW_MS", 5000)
+EXTERNAL_MCP_HEALTH_DOWN_AFTER = config.integer("EXTERNAL_MCP_HEALTH_DOWN_AFTER", 3)
+EXTERNAL_MCP_HEALTH_CONCURRENCY = config.integer("EXTERNAL_MCP_HEALTH_CONCURRENCY", 100)
+EXTERNAL_MCP_HEALTH_SWEEP_LIMIT = config.integer("EXTERNAL_MCP_HEALTH_SWEEP_LIMIT", 2000)
 
 TWINMCP_API_KEY_TOUCH_SECONDS = config.integer("TWINMCP_API_KEY_TOUCH_SECONDS", 300)
 TWINMCP_UPGRADE_URL = config.string("TWINMCP_UPGRADE_URL", "/billing/upgrade/")

@@ -1,0 +1,128 @@
+"""How TwinMCP authenticates to an upstream: one small class per ``auth_type``.
+
+Adding OAuth later is one more class registered in ``SCHEMES``. SSL contexts are costly to
+build (ContextForge rebuilt them per call), so they are cached per credential fingerprint.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import ssl
+import tempfile
+import threading
+from collections import OrderedDict
+from typing import ClassVar
+
+from external_mcp.choices import AuthType
+
+
+class AuthScheme:
+    auth_type: ClassVar[str]
+
+    def __init__(self, payload: dict[str, str] | None, *, cache_key: str = "") -> None:
+        self.payload = payload or {}
+        self.cache_key = cache_key
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return default_ssl_context()
+
+
+class NoAuth(AuthScheme):
+    auth_type = AuthType.NONE
+
+
+class ApiKeyAuth(AuthScheme):
+    auth_type = AuthType.API_KEY
+
+    def headers(self) -> dict[str, str]:
+        return {self.payload.get("header", "X-API-Key"): self.payload["value"]}
+
+
+class BasicAuth(AuthScheme):
+    auth_type = AuthType.BASIC
+
+    def headers(self) -> dict[str, str]:
+        raw = f"{self.payload['username']}:{self.payload['password']}".encode()
+        return {"Authorization": "Basic " + base64.b64encode(raw).decode("ascii")}
+
+
+class BearerAuth(AuthScheme):
+    auth_type = AuthType.BEARER
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.payload['token']}"}
+
+
+class MtlsAuth(AuthScheme):
+    auth_type = AuthType.MTLS
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return _contexts.get(self.cache_key, self._build)
+
+    def _build(self) -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        if ca := self.payload.get("ca_bundle_pem"):
+            context.load_verify_locations(cadata=ca)
+        # ssl can only load a certificate chain from files: write them to a private
+        # directory, load, and remove them at once.
+        with tempfile.TemporaryDirectory(prefix="twinmcp-mtls-") as folder:
+            os.chmod(folder, 0o700)
+            cert_path = os.path.join(folder, "cert.pem")
+            key_path = os.path.join(folder, "key.pem")
+            files = ((cert_path, self.payload["client_cert_pem"]), (key_path, self.payload["client_key_pem"]))
+            for path, text in files:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as handle:
+                    handle.write(text)
+            context.load_cert_chain(cert_path, key_path)
+        return context
+
+
+SCHEMES: dict[str, type[AuthScheme]] = {
+    scheme.auth_type: scheme for scheme in (NoAuth, ApiKeyAuth, BasicAuth, BearerAuth, MtlsAuth)
+}
+
+
+def build_scheme(auth_type: str, payload: dict[str, str] | None, *, cache_key: str = "") -> AuthScheme:
+    try:
+        scheme = SCHEMES[auth_type]
+    except KeyError:
+        raise ValueError(f"auth_type {auth_type!r} is not supported yet") from None
+    return scheme(payload, cache_key=cache_key)
+
+
+class _ContextCache:
+    """A small LRU of SSL contexts keyed by server id + credential fingerprint."""
+
+    def __init__(self, size: int = 256) -> None:
+        self.size = size
+        self.items: OrderedDict[str, ssl.SSLContext] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key: str, build: object) -> ssl.SSLContext:
+        with self.lock:
+            if key and key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key]
+        context = build()  # type: ignore[operator]
+        if key:
+            with self.lock:
+                self.items[key] = context
+                while len(self.items) > self.size:
+                    self.items.popitem(last=False)
+        return context
+
+
+_contexts = _ContextCache()
+_default_context: ssl.SSLContext | None = None
+
+
+def default_ssl_context() -> ssl.SSLContext:
+    global _default_context
+    if _default_context is None:
+        _default_context = ssl.create_default_context()
+    return _default_context

@@ -1,0 +1,161 @@
+"""Health checks: claim due servers, check them concurrently, derive status from hard facts.
+
+Status follows healthchecks.io's pattern: facts (``consecutive_failures``, ``last_ok_at``,
+``last_checked_at``) are stored and the status is derived from them (see ``status.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from external_mcp import mcp_client, metrics
+from external_mcp.auth_schemes import AuthScheme, build_scheme
+from external_mcp.catalog import catalog_sync
+from external_mcp.choices import ServerStatus, ToolState
+from external_mcp.models import ExternalMcpServer, ExternalMcpTool, HealthCheck
+from external_mcp.notifications import failure_ratio_alert
+from external_mcp.services import CredentialUnavailable, credentials_payload
+from external_mcp.status import transition
+
+logger = logging.getLogger("external_mcp.health")
+
+@dataclass
+class Target:
+    server: ExternalMcpServer
+    scheme: AuthScheme | None
+    failure: mcp_client.CheckResult | None = None
+
+
+def timeouts() -> mcp_client.Timeouts:
+    total = settings.EXTERNAL_MCP_HEALTH_TIMEOUT_MS / 1000
+    return mcp_client.Timeouts(connect=min(5.0, total), step=total, total=total)
+
+
+def prepare(server: ExternalMcpServer) -> Target:
+    try:
+        payload = credentials_payload(server=server)
+    except CredentialUnavailable as exc:
+        failure = mcp_client.CheckResult(ok=False, error_class="credentials", error_message=str(exc))
+        return Target(server=server, scheme=None, failure=failure)
+    fingerprint = server.credential.fingerprint if server.has_credentials else ""
+    return Target(server=server, scheme=build_scheme(server.auth_type, payload,
+                                                     cache_key=f"{server.pk}:{fingerprint}"))
+
+
+async def run_checks(targets: list[Target], *, concurrency: int | None = None) -> list[mcp_client.CheckResult]:
+    concurrency = concurrency or settings.EXTERNAL_MCP_HEALTH_CONCURRENCY
+    semaphore = asyncio.Semaphore(concurrency)
+    limits = timeouts()
+    async with mcp_client.new_session(limit=concurrency) as session:
+
+        async def one(target: Target) -> mcp_client.CheckResult:
+            if target.failure is not None:
+                return target.failure
+            async with semaphore:
+                return await mcp_client.check(target.server.base_url, target.scheme, session=session,
+                                              timeouts=limits)
+
+        return await asyncio.gather(*(one(t) for t in targets))
+
+
+def record_check(*, server: ExternalMcpServer, result: mcp_client.CheckResult,
+                 now: datetime | None = None) -> ExternalMcpServer:
+    """Store one check's facts, derive the status with hysteresis, sync the tool catalog."""
+    now = now or timezone.now()
+    latency = int(result.total_ms)
+    slow = result.ok and latency > settings.EXTERNAL_MCP_HEALTH_SLOW_MS
+    server_id = str(server.pk)
+    HealthCheck.objects.create(
+        server=server, checked_at=now, ok=result.ok, slow=slow, error_class=result.error_class,
+        error_message=result.error_message[:2000], latency_ms=latency, protocol_version=result.protocol_version,
+        timings_ms=result.timings_ms, tool_count=len(result.tools) if result.ok else None,
+    )
+    with transaction.atomic():
+        # The row lock makes each check's verdict use the facts every earlier check left.
+        row = ExternalMcpServer.objects.select_for_update().get(pk=server.pk)
+        row.last_checked_at, row.last_latency_ms = now, latency
+        if result.ok:
+            message = (f"Slow: the check took {latency} ms (threshold {settings.EXTERNAL_MCP_HEALTH_SLOW_MS} ms)."
+                       if slow else "")
+            row.consecutive_failures, row.last_ok_at, row.error_message = 0, now, message
+            row.protocol_version = result.protocol_version
+            row.server_info = {"name": result.server_name, "version": result.server_version, "era": result.era,
+                               "capabilities": result.capabilities, "card_url": result.card_url}
+            target, reason = (ServerStatus.WARNING, message) if slow else (ServerStatus.HEALTHY, "Check succeeded.")
+        else:
+            row.consecutive_failures += 1
+            row.error_message = f"{result.error_message} {result.hint}".strip()
+            down = row.consecutive_failures >= settings.EXTERNAL_MCP_HEALTH_DOWN_AFTER
+            target, reason = (ServerStatus.DOWN if down else ServerStatus.WARNING), row.error_message
+        row.save(update_fields=["last_checked_at", "last_latency_ms", "consecutive_failures", "last_ok_at",
+                                "error_message", "protocol_version", "server_info"])
+        if row.status != ServerStatus.DISABLED:
+            transition(server=row, new=target, reason=reason)
+    if not result.ok:
+        metrics.ERRORS.labels(server_id, "health", result.error_class or "unknown").inc()
+    metrics.HEALTH_CHECKS.labels(server_id, "ok" if result.ok else "failure").inc()
+    metrics.LATENCY.labels(server_id, "health").observe(result.total_ms / 1000)
+    server = row
+    if server.status == ServerStatus.DISABLED:
+        return server
+    if result.ok:
+        catalog_sync(server=server, tools=result.tools, now=now)
+    log = logger.info if result.ok else logger.warning
+    log("health check", extra={"event": "health_check", "server": server_id, "workspace": str(server.workspace_id),
+                               "outcome": "ok" if result.ok else result.error_class, "latency_ms": latency,
+                               "status": server.status})
+    return server
+
+
+def check_now(server: ExternalMcpServer) -> tuple[mcp_client.CheckResult, ExternalMcpServer]:
+    """One check outside the schedule (registration, the Test button)."""
+    target = prepare(server)
+    [result] = asyncio.run(run_checks([target], concurrency=1))
+    return result, record_check(server=server, result=result)
+
+
+def claim_due(*, now: datetime, limit: int) -> list[ExternalMcpServer]:
+    """Take due servers and push their next check forward in one transaction; rows another
+    worker holds are skipped, so concurrent sweeps never check a server twice."""
+    with transaction.atomic():
+        due = list(
+            ExternalMcpServer.objects.select_for_update(skip_locked=True, of=("self",))
+            .filter(enabled=True, next_check_at__lte=now)
+            .order_by("next_check_at")[:limit]
+        )
+        by_interval: dict[int, list] = defaultdict(list)
+        for server in due:
+            by_interval[server.check_interval_seconds].append(server.pk)
+        for interval, ids in by_interval.items():
+            ExternalMcpServer.objects.filter(pk__in=ids).update(next_check_at=now + timedelta(seconds=interval))
+    return list(ExternalMcpServer.objects.filter(pk__in=[s.pk for s in due])
+                .select_related("credential", "workspace"))
+
+
+def sweep(*, now: datetime | None = None, limit: int | None = None) -> int:
+    now = now or timezone.now()
+    servers = claim_due(now=now, limit=limit or settings.EXTERNAL_MCP_HEALTH_SWEEP_LIMIT)
+    if not servers:
+        return 0
+    results = asyncio.run(run_checks([prepare(s) for s in servers]))
+    for server, result in zip(servers, results, strict=True):
+        try:
+            record_check(server=server, result=result, now=timezone.now())
+        except Exception:  # noqa: BLE001 - one bad row must not stop the sweep
+            logger.exception("could not record the check of %s", server.pk)
+    for workspace_id in {s.workspace_id for s in servers}:
+        failure_ratio_alert(workspace_id=workspace_id)
+    return len(servers)
+
+
+def tools_callable(server_id: object) -> set[str]:
+    return set(ExternalMcpTool.objects.filter(server_id=server_id, state=ToolState.APPROVED)
+               .values_list("name", flat=True))

@@ -1,0 +1,172 @@
+"""What the proxy needs per request, cached in-process for a few seconds so the hot path
+makes no database query: the caller's key and plan, the server, its credentials and the
+set of approved tools. ``EXTERNAL_MCP_PROXY_CACHE_SECONDS`` bounds how long a revocation,
+a disabled server or a quarantined tool can take to reach the proxy."""
+
+from __future__ import annotations
+
+import ssl
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import close_old_connections
+
+from external_mcp.auth_schemes import build_scheme
+from external_mcp.choices import ServerStatus, ToolState
+from external_mcp.models import ExternalMcpServer, ExternalMcpTool
+from external_mcp.services import CredentialUnavailable, credentials_payload
+from twinmcp.apikeys import ApiKeyError, hash_key, resolve_key
+from twinmcp.flags import external_mcp_enabled
+from twinmcp.services import profile_ensure
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    key_id: Any
+    user_id: int
+    username: str
+    workspace_id: Any
+    expires_at: datetime | None
+    plan: str
+    daily_limit: int | None
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    id: Any
+    workspace_id: Any
+    name: str
+    base_url: str
+    enabled: bool
+    status: str
+    flag_on: bool
+    auth_headers: dict[str, str] = field(default_factory=dict)
+    ssl: ssl.SSLContext | bool = False
+    credential_error: str = ""
+    tool_states: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def disabled(self) -> bool:
+        return not self.enabled or self.status == ServerStatus.DISABLED
+
+
+class TTLCache:
+    def __init__(self, max_items: int = 10000) -> None:
+        self.items: dict[Any, tuple[float, Any]] = {}
+        self.max_items = max_items
+
+    def get(self, key: Any) -> Any:
+        hit = self.items.get(key)
+        if hit is None or hit[0] < time.monotonic():
+            return None
+        return hit[1]
+
+    def set(self, key: Any, value: Any, ttl: float) -> None:
+        if ttl <= 0:
+            return
+        if len(self.items) >= self.max_items:
+            self.items.clear()
+        self.items[key] = (time.monotonic() + ttl, value)
+
+    def clear(self) -> None:
+        self.items.clear()
+
+
+keys = TTLCache()
+servers = TTLCache()
+
+
+def _ttl() -> float:
+    return float(settings.EXTERNAL_MCP_PROXY_CACHE_SECONDS)
+
+
+def _load_key(raw: str) -> KeyInfo:
+    close_old_connections()
+    key = resolve_key(raw)
+    plan = profile_ensure(user=key.user).plan
+    return KeyInfo(key_id=key.pk, user_id=key.user_id, username=key.user.get_username(),
+                   workspace_id=key.workspace_id, expires_at=key.expires_at, plan=plan.code,
+                   daily_limit=plan.effective_daily_limit)
+
+
+async def get_key(raw: str) -> KeyInfo:
+    digest = hash_key(raw)
+    info: KeyInfo | None = keys.get(digest)
+    if info is None:
+        info = await sync_to_async(_load_key, thread_sensitive=False)(raw)
+        keys.set(digest, info, _ttl())
+    elif info.expires_at is not None and info.expires_at.timestamp() <= time.time():
+        keys.items.pop(digest, None)
+        raise ApiKeyError("This API key has expired.")
+    return info
+
+
+class _FlagRequest:
+    """The minimum waffle needs to evaluate a flag for a user outside an HTTP request."""
+
+    def __init__(self, user: Any) -> None:
+        self.user = user
+        self.GET: dict[str, str] = {}
+        self.COOKIES: dict[str, str] = {}
+        self.headers: dict[str, str] = {}
+        self.META: dict[str, str] = {}
+
+
+def _load_server(server_id: Any, user_id: int) -> ServerInfo | None:
+    close_old_connections()
+    server = ExternalMcpServer.objects.select_related("credential").filter(pk=server_id).first()
+    if server is None:
+        return None
+    from django.contrib.auth import get_user_model
+
+    user = get_user_model().objects.get(pk=user_id)
+    flag_on = external_mcp_enabled(_FlagRequest(user), workspace_ids=[server.workspace_id])
+    headers: dict[str, str] = {}
+    context: ssl.SSLContext | bool = False
+    error = ""
+    try:
+        payload = credentials_payload(server=server)
+        fingerprint = server.credential.fingerprint if server.has_credentials else ""
+        scheme = build_scheme(server.auth_type, payload, cache_key=f"{server.pk}:{fingerprint}")
+        headers = scheme.headers()
+        if server.base_url.startswith("https:"):
+            context = scheme.ssl_context()
+    except (CredentialUnavailable, ValueError, ssl.SSLError) as exc:
+        error = str(exc)
+    states = dict(ExternalMcpTool.objects.filter(server=server).values_list("name", "state"))
+    return ServerInfo(id=server.pk, workspace_id=server.workspace_id, name=server.name, base_url=server.base_url,
+                      enabled=server.enabled, status=server.status, flag_on=flag_on, auth_headers=headers,
+                      ssl=context, credential_error=error, tool_states=states)
+
+
+async def get_server(server_id: Any, user_id: int) -> ServerInfo | None:
+    cache_key = (server_id, user_id)
+    info: ServerInfo | None = servers.get(cache_key)
+    if info is None:
+        info = await sync_to_async(_load_server, thread_sensitive=False)(server_id, user_id)
+        if info is not None:
+            servers.set(cache_key, info, _ttl())
+    return info
+
+
+def tool_refusal(info: ServerInfo, name: str) -> str | None:
+    """Why a tool may not be called, or None when it is approved."""
+    state = info.tool_states.get(name)
+    if state == ToolState.APPROVED:
+        return None
+    reasons = {
+        None: f"Tool {name!r} is not in {info.name}'s approved catalog.",
+        ToolState.PENDING: f"Tool {name!r} is pending approval by a workspace admin.",
+        ToolState.CHANGED: f"Tool {name!r} changed its definition since it was approved; it is quarantined until "
+                           "an admin approves it again.",
+        ToolState.DISABLED: f"Tool {name!r} was disabled by a workspace admin.",
+        ToolState.REMOVED: f"Tool {name!r} is no longer offered by {info.name}.",
+    }
+    return reasons.get(state, reasons[None])
+
+
+__all__ = ["ApiKeyError", "KeyInfo", "ServerInfo", "get_key", "get_server", "tool_refusal"]

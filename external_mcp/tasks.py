@@ -1,0 +1,25 @@
+"""Celery tasks: take ids, call services."""
+
+from __future__ import annotations
+
+from celery import shared_task
+
+from external_mcp import health, notifications
+from external_mcp.models import ExternalMcpServer
+
+
+@shared_task(ignore_result=True)
+def health_sweep() -> int:
+    return health.sweep()
+
+
+@shared_task(ignore_result=True)
+def check_server(server_id: str) -> None:
+    server = ExternalMcpServer.objects.select_related("credential").filter(pk=server_id, enabled=True).first()
+    if server is not None:
+        health.check_now(server)
+
+
+@shared_task(ignore_result=True)
+def send_notification_emails(notification_ids: list[str]) -> int:
+    return notifications.send_emails(notification_ids=notification_ids)

@@ -1,0 +1,1 @@
+"""The official MCP conformance suite run against an SDK-built fixture server (see README.md)."""

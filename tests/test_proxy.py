@@ -1,0 +1,371 @@
+"""The proxy end to end: SDK clients → live gateway → SDK upstreams, all on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+import pytest
+import redis as redis_lib
+
+from external_mcp import catalog, health, proxy_cache, services
+from external_mcp.models import ExternalMcpServer
+from tests import mcp_peers
+from tests.gateway import agent, close_gateway_connections, proxy_url, start_gateway
+from twinmcp import services as core_services
+from usage.models import UsageEvent
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+ACCEPT = "application/json, text/event-stream"
+
+
+@pytest.fixture(autouse=True)
+def _proxy_settings(settings, redis_url):
+    settings.ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
+    settings.EXTERNAL_MCP_ALLOWED_PROTOCOLS = ["https", "http"]
+    settings.EXTERNAL_MCP_ALLOWED_NETWORKS = ["127.0.0.1/32", "::1/128"]
+    settings.EXTERNAL_MCP_PROXY_CACHE_SECONDS = 0
+    proxy_cache.keys.clear()
+    proxy_cache.servers.clear()
+    client = redis_lib.Redis.from_url(redis_url)
+    for key in client.scan_iter("twinmcp:quota:*"):
+        client.delete(key)
+
+
+@pytest.fixture(scope="module")
+def gateway(django_db_blocker):
+    peer = start_gateway()
+    yield peer
+    peer.stop()
+    with django_db_blocker.unblock():
+        close_gateway_connections()
+
+
+def register(admin, peer, *, approve: bool = True, name: str = "up", **kwargs) -> ExternalMcpServer:
+    server = services.server_create(workspace=admin.workspace, actor=admin.user, name=name, base_url=peer.url,
+                                    **kwargs)
+    result, server = health.check_now(ExternalMcpServer.objects.select_related("credential").get(pk=server.pk))
+    assert result.ok, result.error_message
+    if approve:
+        catalog.tools_approve(server=server, actor=admin.user, select_all=True)
+    return server
+
+
+async def post(url: str, key: str | None, body: dict | list, **headers: str) -> tuple[int, Any, bytes]:
+    request_headers = {"Content-Type": "application/json", "Accept": ACCEPT, **headers}
+    if key:
+        request_headers["Authorization"] = f"Bearer {key}"
+    async with aiohttp.ClientSession() as session, session.post(url, data=json.dumps(body),
+                                                               headers=request_headers) as response:
+        return response.status, response.headers.copy(), await response.read()
+
+
+PING = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+
+
+def call(name: str, arguments: dict | None = None, request_id: int = 1) -> dict:
+    return {"jsonrpc": "2.0", "id": request_id, "method": "tools/call",
+            "params": {"name": name, "arguments": arguments or {}}}
+
+
+@pytest.mark.parametrize("mode", ["legacy", "2026-07-28"])
+def test_sdk_client_lists_calls_and_gets_progress_through_the_proxy(admin, flag_on, gateway, mode):
+    with mcp_peers.default_peer() as peer:
+        server = register(admin, peer, approve=False)
+        catalog.tools_approve(server=server, actor=admin.user, names=["echo", "count"])
+        progress: list[float] = []
+
+        async def scenario():
+            async def on_progress(value, total, message):
+                progress.append(value)
+
+            async with agent(proxy_url(gateway, server), admin.raw_key, mode=mode) as client:
+                tools = await client.list_tools()
+                echoed = await client.call_tool("echo", {"text": "hi"})
+                counted = await client.call_tool("count", {"n": 3}, progress_callback=on_progress)
+                return sorted(t.name for t in tools.tools), echoed, counted
+
+        names, echoed, counted = asyncio.run(scenario())
+        upstream_auth = [r.headers.get("authorization") for r in peer.requests]
+    assert names == ["count", "echo"]  # add is not approved: filtered out
+    assert echoed.content[0].text == "hi"
+    assert "counted to 3" in counted.content[0].text
+    assert progress == [1, 2, 3]
+    assert admin.raw_key not in str(upstream_auth)
+    events = UsageEvent.objects.filter(server_id=server.pk)
+    assert events.filter(method="tools/call", outcome="ok", counted=True).count() == 2
+    assert set(events.filter(method="tools/call").values_list("tool_name", flat=True)) == {"echo", "count"}
+
+
+def test_unapproved_and_changed_tools_are_refused_without_contacting_upstream(admin, flag_on, gateway):
+    with mcp_peers.mutable_peer() as peer:
+        server = register(admin, peer, approve=False)
+        catalog.tools_approve(server=server, actor=admin.user, names=["echo"])
+        url = proxy_url(gateway, server)
+        peer.clear_requests()
+        status, _, body = asyncio.run(post(url, admin.raw_key, call("add", {"a": 1, "b": 2}, 7)))
+        assert status == 200
+        error = json.loads(body)
+        assert error["id"] == 7 and "pending approval" in error["error"]["message"]
+        assert peer.requests == []
+        peer.set_tool_description("echo", "changed behind our back")
+        health.check_now(ExternalMcpServer.objects.get(pk=server.pk))
+        peer.clear_requests()
+        status, _, body = asyncio.run(post(url, admin.raw_key, call("echo", {"text": "x"})))
+        assert "quarantined" in json.loads(body)["error"]["message"]
+        status, _, body = asyncio.run(post(url, admin.raw_key, call("nope")))
+        assert "not in" in json.loads(body)["error"]["message"]
+        assert peer.requests == []
+    assert UsageEvent.objects.filter(outcome="blocked", counted=False).count() == 3
+
+
+def test_agent_credentials_never_reach_upstream_and_stored_ones_do(admin, flag_on, gateway):
+    with mcp_peers.bearer_peer("upstream-secret", json_response=True) as peer:
+        server = register(admin, peer, auth_type="bearer", credentials={"token": "upstream-secret"})
+        peer.clear_requests()
+        status, headers, _ = asyncio.run(post(
+            proxy_url(gateway, server), admin.raw_key,
+            {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+             "params": {"protocolVersion": "2025-11-25", "capabilities": {},
+                        "clientInfo": {"name": "t", "version": "1"}}},
+            Cookie="sessionid=abc", Origin="http://127.0.0.1", **{"X-Custom": "drop-me", "Mcp-Param-Region": "eu"}))
+        assert status == 200 and headers.get("Mcp-Session-Id")
+        sent = peer.requests[-1].headers
+    assert sent["authorization"] == "Bearer upstream-secret"
+    assert "cookie" not in sent and "origin" not in sent and "x-custom" not in sent
+    assert sent["mcp-param-region"] == "eu"
+    assert sent["host"].startswith("127.0.0.1:")
+
+
+def test_authentication_and_tenancy_errors(admin, outsider, flag_on, gateway):
+    with mcp_peers.stateless_peer() as peer:
+        server = register(admin, peer)
+        url = proxy_url(gateway, server)
+        body = call("echo", {"text": "x"})
+        status, headers, raw = asyncio.run(post(url, None, body))
+        assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
+        assert json.loads(raw)["error"]["code"] == -32001
+        assert asyncio.run(post(url, "tmcp_" + "x" * 43, body))[0] == 401
+        assert asyncio.run(post(url, outsider.raw_key, body))[0] == 404
+        other = url.replace(str(server.pk), "00000000-0000-0000-0000-000000000000")
+        assert asyncio.run(post(other, admin.raw_key, body))[0] == 404
+        services.server_update(server=server, actor=admin.user, enabled=False)
+        status, _, raw = asyncio.run(post(url, admin.raw_key, body))
+        assert status == 503 and "disabled" in json.loads(raw)["error"]["message"]
+
+
+def test_flag_off_is_404(admin, gateway, db):
+    with mcp_peers.stateless_peer() as peer:
+        server = services.server_create(workspace=admin.workspace, actor=admin.user, name="x", base_url=peer.url)
+        assert asyncio.run(post(proxy_url(gateway, server), admin.raw_key, call("echo")))[0] == 404
+
+
+def test_foreign_host_and_origin_are_refused(admin, flag_on, gateway):
+    with mcp_peers.stateless_peer() as peer:
+        server = register(admin, peer)
+        url = proxy_url(gateway, server)
+        assert asyncio.run(post(url, admin.raw_key, call("echo"), Host="evil.example"))[0] == 421
+        assert asyncio.run(post(url, admin.raw_key, call("echo"), Origin="http://evil.example"))[0] == 403
+
+
+def test_quota_allows_exactly_the_limit_then_429(admin, flag_on, gateway, settings):
+    settings.EXTERNAL_MCP_FREE_DAILY_LIMIT = 3
+    with mcp_peers.stateless_peer() as peer:
+        server = register(admin, peer)
+        url = proxy_url(gateway, server)
+        results = [asyncio.run(post(url, admin.raw_key, call("echo", {"text": str(i)}, i))) for i in range(4)]
+        upstream_calls = len(peer.requests_to(rpc_method="tools/call"))
+    assert [r[0] for r in results] == [200, 200, 200, 429]
+    assert results[2][1]["RateLimit-Remaining"] == "0" and results[0][1]["RateLimit-Limit"] == "3"
+    status, headers, raw = results[3]
+    error = json.loads(raw)
+    assert error["id"] == 3
+    data = error["error"]["data"]
+    assert data["limit"] == 3 and data["remaining"] == 0 and data["plan"] == "free"
+    assert data["reset_at"].endswith("T00:00:00Z") and data["upgrade_url"]
+    assert int(headers["Retry-After"]) > 0 and headers["RateLimit-Remaining"] == "0"
+    assert upstream_calls == 3
+    assert UsageEvent.objects.filter(outcome="quota", counted=False).count() == 1
+
+
+def test_pro_plan_is_not_capped(admin, flag_on, gateway, settings):
+    settings.EXTERNAL_MCP_FREE_DAILY_LIMIT = 1
+    core_services.profile_set_plan(user=admin.user, code="pro")
+    with mcp_peers.stateless_peer() as peer:
+        url = proxy_url(gateway, register(admin, peer))
+        assert [asyncio.run(post(url, admin.raw_key, call("echo", {"text": "x"})))[0] for _ in range(3)] == [200] * 3
+
+
+def test_quota_is_exact_under_concurrency_through_the_proxy(admin, flag_on, gateway, settings):
+    settings.EXTERNAL_MCP_FREE_DAILY_LIMIT = 200
+    from usage.limiter import get_limiter
+
+    get_limiter().consume(admin.user.pk, 200, 195)
+    with mcp_peers.stateless_peer() as peer:
+        url = proxy_url(gateway, register(admin, peer))
+
+        async def burst():
+            calls = (post(url, admin.raw_key, call("echo", {"text": "x"}, i)) for i in range(50))
+            return await asyncio.gather(*calls)
+
+        statuses = [r[0] for r in asyncio.run(burst())]
+    assert statuses.count(200) == 5 and statuses.count(429) == 45
+
+
+def test_sdk_client_surfaces_a_readable_quota_error(admin, flag_on, gateway, settings):
+    settings.EXTERNAL_MCP_FREE_DAILY_LIMIT = 1
+    with mcp_peers.stateless_peer() as peer:
+        url = proxy_url(gateway, register(admin, peer))
+
+        async def scenario():
+            async with agent(url, admin.raw_key, mode="2026-07-28") as client:
+                await client.call_tool("echo", {"text": "1"})
+                await client.call_tool("echo", {"text": "2"})
+
+        with pytest.raises(BaseException) as excinfo:
+            asyncio.run(scenario())
+    assert "Daily limit of 1 tool calls reached" in repr(excinfo.value)
+
+
+def test_every_request_is_recorded(admin, flag_on, gateway):
+    with mcp_peers.stateless_peer() as peer:
+        url = proxy_url(gateway, register(admin, peer))
+
+        async def load():
+            await asyncio.gather(*(post(url, admin.raw_key, call("echo", {"text": "x" * i}, i)) for i in range(60)))
+
+        asyncio.run(load())
+    events = UsageEvent.objects.filter(method="tools/call")
+    assert events.count() == 60
+    assert set(events.values_list("outcome", flat=True)) == {"ok"}
+    event = events.order_by("-bytes_in").first()
+    assert event.tokens_in > 0 and event.tokens_out > 0 and event.latency_ms > 0 and event.upstream_status == 200
+    assert event.user_id == admin.user.pk and event.api_key_id == admin.key.pk and event.request_id
+
+
+def test_client_disconnect_mid_stream_is_recorded(admin, flag_on, gateway):
+    with mcp_peers.default_peer() as peer:
+        server = register(admin, peer)
+        url = proxy_url(gateway, server)
+
+        async def scenario():
+            async with agent(url, admin.raw_key, mode="2026-07-28") as client:
+                task = asyncio.ensure_future(client.call_tool("slow_echo", {"text": "x", "delay_ms": 3000}))
+                await asyncio.sleep(0.5)
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+        asyncio.run(scenario())
+        for _ in range(50):
+            if UsageEvent.objects.filter(tool_name="slow_echo").exists():
+                break
+            asyncio.run(asyncio.sleep(0.1))
+    event = UsageEvent.objects.get(tool_name="slow_echo")
+    assert event.outcome in ("client_disconnect", "ok")
+    assert event.latency_ms < 3000 or event.outcome == "ok"
+
+
+@pytest.mark.parametrize(
+    ("factory", "status", "phrase"),
+    [
+        (lambda: mcp_peers.garbage_peer("html"), 502, "content type"),
+        (lambda: mcp_peers.status_peer(302), 502, "redirect"),
+        (lambda: mcp_peers.bearer_peer("x"), 502, "stored credentials"),
+    ],
+)
+def test_upstream_failures_become_json_rpc_errors(admin, flag_on, gateway, factory, status, phrase):
+    with factory() as peer:
+        server = services.server_create(workspace=admin.workspace, actor=admin.user, name="bad", base_url=peer.url)
+        got, _, raw = asyncio.run(post(proxy_url(gateway, server), admin.raw_key, PING))
+    assert got == status
+    assert phrase in json.loads(raw)["error"]["message"]
+
+
+def test_upstream_down_is_502_and_slow_is_504(admin, flag_on, gateway, settings):
+    peer = mcp_peers.stateless_peer().start()
+    server = register(admin, peer)
+    peer.stop()
+    status, _, raw = asyncio.run(post(proxy_url(gateway, server), admin.raw_key, call("echo", {"text": "x"})))
+    assert status == 502 and "cannot connect" in json.loads(raw)["error"]["message"]
+    settings.EXTERNAL_MCP_PROXY_TIMEOUT_MS = 300
+    with mcp_peers.slow_peer(2.0) as slow:
+        server = services.server_create(workspace=admin.workspace, actor=admin.user, name="slow", base_url=slow.url)
+        status, _, raw = asyncio.run(post(proxy_url(gateway, server), admin.raw_key, PING))
+    assert status == 504
+    assert set(UsageEvent.objects.values_list("outcome", flat=True)) >= {"upstream_error", "timeout"}
+
+
+def test_name_rebound_to_a_refused_address_is_refused_at_connection(admin, flag_on, gateway, settings):
+    with mcp_peers.stateless_peer() as peer:
+        server = services.server_create(workspace=admin.workspace, actor=admin.user, name="rebound",
+                                        base_url=peer.url.replace("127.0.0.1", "localhost"))
+        settings.EXTERNAL_MCP_ALLOWED_NETWORKS = []
+        status, _, raw = asyncio.run(post(proxy_url(gateway, server), admin.raw_key, PING))
+        assert peer.requests == []
+    assert status == 502 and "URL policy" in json.loads(raw)["error"]["message"]
+
+
+def test_huge_answers_are_cut_at_the_cap(admin, flag_on, gateway, settings):
+    settings.EXTERNAL_MCP_MAX_RESPONSE_BYTES = 2000
+    with mcp_peers.stateless_peer() as peer:
+        url = proxy_url(gateway, register(admin, peer))
+        status, _, raw = asyncio.run(post(url, admin.raw_key, call("echo", {"text": "y" * 5000})))
+    assert len(raw) <= 2000 + 65536
+    assert UsageEvent.objects.get(method="tools/call").outcome == "upstream_error"
+
+
+def test_bad_requests_are_4xx(admin, flag_on, gateway, settings):
+    settings.EXTERNAL_MCP_PROXY_MAX_BODY_BYTES = 100
+    with mcp_peers.stateless_peer() as peer:
+        url = proxy_url(gateway, register(admin, peer))
+
+        async def raw(data: bytes, method: str = "POST") -> int:
+            async with aiohttp.ClientSession() as session, session.request(
+                    method, url, data=data, headers={"Authorization": f"Bearer {admin.raw_key}",
+                                                     "Content-Type": "application/json", "Accept": ACCEPT}) as r:
+                return r.status
+
+        assert asyncio.run(raw(b"{not json")) == 400
+        assert asyncio.run(raw(b"[]")) == 400
+        assert asyncio.run(raw(b"x" * 500)) == 413
+        assert asyncio.run(raw(b"", "PUT")) == 405
+
+
+def test_get_stream_and_delete_pass_through(admin, flag_on, gateway):
+    with mcp_peers.default_peer() as peer:
+        server = register(admin, peer)
+        url = proxy_url(gateway, server)
+        peer.clear_requests()
+        init = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                "params": {"protocolVersion": "2025-11-25", "capabilities": {},
+                           "clientInfo": {"name": "t", "version": "1"}}}
+
+        async def scenario():
+            status, headers, _ = await post(url, admin.raw_key, init)
+            session_id = headers["Mcp-Session-Id"]
+            common = {"Authorization": f"Bearer {admin.raw_key}", "Mcp-Session-Id": session_id,
+                      "MCP-Protocol-Version": "2025-11-25"}
+            await post(url, admin.raw_key, {"jsonrpc": "2.0", "method": "notifications/initialized"},
+                       **{"Mcp-Session-Id": session_id, "MCP-Protocol-Version": "2025-11-25"})
+            async with aiohttp.ClientSession() as session:
+                async with session.get(url, headers={**common, "Accept": "text/event-stream"}) as stream:
+                    stream_status = stream.status
+                    stream_type = stream.headers.get("Content-Type")
+                async with session.delete(url, headers=common) as deleted:
+                    delete_status = deleted.status
+                async with session.post(url, data=json.dumps(call("echo", {"text": "x"})),
+                                        headers={**common, "Content-Type": "application/json", "Accept": ACCEPT}) as r:
+                    after_delete = r.status
+            return session_id, stream_status, stream_type, delete_status, after_delete
+
+        session_id, stream_status, stream_type, delete_status, after_delete = asyncio.run(scenario())
+        upstream_session_ids = {r.headers.get("mcp-session-id") for r in peer.requests if r.method != "POST"}
+        assert {r.method for r in peer.requests} == {"POST", "GET", "DELETE"}
+    assert stream_status == 200 and stream_type.startswith("text/event-stream")
+    assert delete_status == 200 and after_delete == 404
+    assert upstream_session_ids == {session_id}
+    methods = set(UsageEvent.objects.values_list("method", flat=True))
+    assert {"GET", "DELETE", "initialize", "notifications/initialized"} <= methods

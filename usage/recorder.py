@@ -1,0 +1,144 @@
+"""Durable, cheap usage events: group commit.
+
+Each proxied request hands its event to a per-process writer and waits until the batch that
+contains it is committed, then sends its last byte. Events that arrive while a batch commits
+form the next batch, so under load one COMMIT serves many requests (design.md §5: 0.13–0.2 ms
+instead of 0.25–0.5 ms per single-row commit) while an answered request's event always survives
+a crash. On PostgreSQL a dedicated psycopg async connection inserts with a pipelined
+``executemany``; elsewhere (the SQLite demo) the ORM's ``bulk_create`` runs in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import connections
+
+logger = logging.getLogger("usage.recorder")
+
+COLUMNS = (
+    "created_at", "user_id", "workspace_id", "server_id", "api_key_id", "method", "tool_name", "jsonrpc_id",
+    "request_id", "tokens_in", "tokens_out", "bytes_in", "bytes_out", "latency_ms", "upstream_status",
+    "jsonrpc_error_code", "outcome", "counted",
+)
+MAX_BATCH = 500
+
+
+class PsycopgSink:
+    def __init__(self) -> None:
+        self.conn: Any = None
+        self.sql = (
+            f"INSERT INTO external_mcp_usage_logs ({', '.join(COLUMNS)}) "  # noqa: S608 - constant columns
+            f"VALUES ({', '.join(['%s'] * len(COLUMNS))})"
+        )
+
+    async def _connect(self) -> Any:
+        import psycopg
+
+        params = connections["default"].get_connection_params()
+        params.pop("cursor_factory", None)
+        params.pop("context", None)
+        params.pop("prepare_threshold", None)
+        return await psycopg.AsyncConnection.connect(**params, autocommit=False)
+
+    async def write(self, rows: Sequence[dict[str, Any]]) -> None:
+        if self.conn is None or self.conn.closed:
+            self.conn = await self._connect()
+        try:
+            async with self.conn.cursor() as cursor:
+                await cursor.executemany(self.sql, [tuple(row[c] for c in COLUMNS) for row in rows])
+            await self.conn.commit()
+        except Exception:
+            conn, self.conn = self.conn, None
+            try:
+                await conn.close()
+            finally:
+                raise
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            await self.conn.close()
+            self.conn = None
+
+
+class OrmSink:
+    async def write(self, rows: Sequence[dict[str, Any]]) -> None:
+        await sync_to_async(_bulk_create, thread_sensitive=False)(list(rows))
+
+    async def close(self) -> None:
+        return None
+
+
+def _bulk_create(rows: list[dict[str, Any]]) -> None:
+    from usage.models import UsageEvent
+
+    try:
+        UsageEvent.objects.bulk_create([UsageEvent(**row) for row in rows])
+    finally:
+        connections.close_all()
+
+
+class BatchRecorder:
+    """One per event loop. ``record`` returns once the event is committed (or, if the database
+    refuses it, logged in full to the ``usage.recorder`` logger so it can be replayed)."""
+
+    def __init__(self, sink: PsycopgSink | OrmSink) -> None:
+        self.sink = sink
+        self.queue: asyncio.Queue[tuple[dict[str, Any], asyncio.Future[None]]] = asyncio.Queue()
+        self.task: asyncio.Task[None] | None = None
+
+    async def record(self, row: dict[str, Any]) -> None:
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self._run())
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.queue.put_nowait((row, future))
+        await asyncio.shield(future)
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self.queue.get()]
+            while len(batch) < MAX_BATCH and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            rows = [row for row, _ in batch]
+            try:
+                await self._write_with_retry(rows)
+            except Exception:  # noqa: BLE001 - never lose an event silently: log it whole
+                for row in rows:
+                    logger.error("usage event not stored: %s", json.dumps(row, default=str))
+            for _, future in batch:
+                if not future.done():
+                    future.set_result(None)
+
+    async def _write_with_retry(self, rows: list[dict[str, Any]]) -> None:
+        try:
+            await self.sink.write(rows)
+        except Exception:  # noqa: BLE001 - one reconnect covers a dropped connection
+            logger.warning("usage event batch failed once; retrying", exc_info=True)
+            await self.sink.write(rows)
+
+    async def close(self) -> None:
+        while not self.queue.empty():
+            await asyncio.sleep(0.01)
+        if self.task is not None:
+            self.task.cancel()
+        await self.sink.close()
+
+
+_recorders: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, BatchRecorder] = weakref.WeakKeyDictionary()
+
+
+def get_recorder() -> BatchRecorder:
+    loop = asyncio.get_running_loop()
+    recorder = _recorders.get(loop)
+    if recorder is None:
+        vendor = connections["default"].vendor
+        sink = PsycopgSink() if vendor == "postgresql" and settings.USAGE_GROUP_COMMIT else OrmSink()
+        recorder = _recorders[loop] = BatchRecorder(sink)
+    return recorder
