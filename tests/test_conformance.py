@@ -1,0 +1,61 @@
+"""The official MCP conformance suite gives the same per-check results directly against an SDK
+fixture server and through the TwinMCP proxy (dns-rebinding-protection included)."""
+
+from __future__ import annotations
+
+import pytest
+
+from external_mcp import catalog, health, proxy_cache, services
+from external_mcp.models import ExternalMcpServer
+from tests import mcp_peers
+from tests.conformance.runner import ensure_cli, fixture_server, run_suite, summarize
+from tests.gateway import close_gateway_connections, proxy_url
+from twinmcp import services as core_services
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def with_agent_key(app, key: str):
+    """The conformance CLI cannot send headers; an agent would send its TwinMCP key, so add it
+    to every request before the gateway sees it (in process: nothing else is changed)."""
+
+    async def wrapped(scope, receive, send):
+        if scope["type"] == "http" and not any(name == b"authorization" for name, _ in scope["headers"]):
+            scope = {**scope, "headers": [*scope["headers"], (b"authorization", f"Bearer {key}".encode())]}
+        await app(scope, receive, send)
+
+    return wrapped
+
+
+def test_conformance_results_are_identical_directly_and_through_the_proxy(admin, flag_on, settings,
+                                                                          django_db_blocker):
+    settings.ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
+    settings.EXTERNAL_MCP_ALLOWED_PROTOCOLS = ["https", "http"]
+    settings.EXTERNAL_MCP_ALLOWED_NETWORKS = ["127.0.0.1/32"]
+    settings.EXTERNAL_MCP_PROXY_CACHE_SECONDS = 0
+    proxy_cache.keys.clear()
+    proxy_cache.servers.clear()
+    core_services.profile_set_plan(user=admin.user, code="pro")
+    cli = ensure_cli()
+    from twinmcp.asgi import application
+
+    with fixture_server() as url:
+        direct = run_suite(url, cli=cli)
+        server = services.server_create(workspace=admin.workspace, actor=admin.user, name="conformance",
+                                        base_url=url)
+        result, server = health.check_now(ExternalMcpServer.objects.get(pk=server.pk))
+        assert result.ok, result.error_message
+        catalog.tools_approve(server=server, actor=admin.user, select_all=True)
+        gateway = mcp_peers.serve_asgi(with_agent_key(application, admin.raw_key), name="gateway", path="/").start()
+        try:
+            proxied = run_suite(proxy_url(gateway, server), cli=cli)
+        finally:
+            gateway.stop()
+            with django_db_blocker.unblock():
+                close_gateway_connections()
+    counts = summarize(direct)
+    assert counts.get("SUCCESS", 0) >= 40 and counts.get("FAILURE", 0) == 0
+    assert direct["dns-rebinding-protection/localhost-host-rebinding-rejected"] == "SUCCESS"
+    differences = {k: (direct.get(k), proxied.get(k)) for k in direct.keys() | proxied.keys()
+                   if direct.get(k) != proxied.get(k)}
+    assert differences == {}
