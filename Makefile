@@ -7,7 +7,7 @@ T      ?=
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test venv lint bench clean
+.PHONY: run test venv lint bench bench-health clean
 
 $(STAMP): pyproject.toml .ci/constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,15 @@ run: venv
 
 test: venv
 	CI=$(CI) bash .ci/test.sh $(T)
+
+# Proxy benchmark: direct vs through the gateway at C = 1, 16, 64 (figures in docs/benchmarks.md).
+bench: venv
+	bash .ci/with-services.sh $(BIN)/python -m tests.bench.proxy_bench $(BENCH_ARGS)
+	bash .ci/with-services.sh $(BIN)/python -m tests.bench.health_bench
+
+# Health-check benchmark: 1,000 servers checked in one sweep (target: within the 60 s interval).
+bench-health: venv
+	bash .ci/with-services.sh $(BIN)/python -m tests.bench.health_bench
 
 lint: venv
 	$(BIN)/ruff check .

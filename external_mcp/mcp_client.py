@@ -250,7 +250,8 @@ class McpProbe:
         """Optional discovery documents: a 404 (or any non-JSON answer) means "no card"."""
         parts = urlsplit(self.url)
         origin = urlunsplit((parts.scheme, parts.netloc, "", "", ""))
-        candidates = [self.url.rstrip("/") + "/server-card"] + [origin + path for path in CARD_PATHS]
+        card = urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/") + "/server-card", parts.query, ""))
+        candidates = [card] + [origin + path for path in CARD_PATHS]
         for url in candidates:
             status, content_type, payload, _ = await self._request("GET", url, headers={"Accept": "application/json"})
             if status in (401, 403):
