@@ -26,13 +26,13 @@ import aiohttp
 from django.conf import settings
 from django.http.request import split_domain_port, validate_host
 from django.utils import timezone
-from usage.limiter import QuotaUnavailable, get_limiter
 
 from external_mcp import metrics, urlpolicy
 from external_mcp.jsonrpc import error_body, messages_of, response_summary
 from external_mcp.mcp_client import PolicyResolver
 from external_mcp.proxy_cache import ApiKeyError, KeyInfo, ServerInfo, get_key, get_server, tool_refusal
 from twinmcp.apikeys import parse_authorization
+from usage.limiter import QuotaUnavailable, get_limiter
 from usage.recorder import get_recorder
 from usage.tokens import token_counter
 
@@ -50,6 +50,8 @@ FORWARD_HEADERS = {
 }
 COPY_BACK = ("Content-Type", "Mcp-Session-Id")
 LIST_CHANGED = b"notifications/tools/list_changed"
+# Failures where the upstream provably did not run the call: its quota uses are refunded.
+NOT_SERVED = {"dns", "tls", "policy", "connect", "auth", "redirect", "disabled", "credentials"}
 
 
 class ProxyError(Exception):
@@ -75,11 +77,13 @@ class Call:
     body: bytes = b""
     messages: list[dict[str, Any]] = field(default_factory=list)
     counted: int = 0
+    quota_backend: str = ""
     status: int = 0
     upstream_status: int | None = None
     bytes_out: int = 0
     outcome: str = "ok"
     error_code: int | None = None
+    refunded: bool = False
     tail: bytearray = field(default_factory=bytearray)
     response_kind: str = ""
 
@@ -204,7 +208,9 @@ class McpProxy:
             headers = [(b"ratelimit-limit", str(decision.limit).encode()),
                        (b"ratelimit-remaining", str(decision.remaining or 0).encode()),
                        (b"ratelimit-reset", reset)]
-        if not decision.allowed:
+        if decision.allowed:
+            call.quota_backend = decision.backend
+        else:
             metrics.QUOTA_REJECTIONS.labels(str(call.server_id)).inc()
             raise ProxyError(
                 429, -32029,
@@ -311,7 +317,7 @@ class McpProxy:
                              outcome="upstream_error", error_class="auth")
         if 300 <= status < 400:
             raise ProxyError(502, -32017, f"{server.name} answered with a redirect, which is not followed.",
-                             outcome="upstream_error", error_class="http")
+                             outcome="upstream_error", error_class="redirect")
         has_body = status not in (202, 204) and call.method != "DELETE" and response.content_length != 0
         if has_body and status < 400 and kind not in ("application/json", "text/event-stream"):
             raise ProxyError(502, -32018, f"{server.name} answered with content type {kind or '(none)'!r}; "
@@ -325,6 +331,8 @@ class McpProxy:
         out_headers.extend(extra)
         if status >= 500:
             metrics.ERRORS.labels(str(server.id), "proxy", "http").inc()
+        elif status >= 400:
+            await self.refund(call)
         filter_tools = any(m.get("method") == "tools/list" and "id" in m for m in call.messages) and status == 200
         await send({"type": "http.response.start", "status": status, "headers": out_headers})
         call.status = status
@@ -473,7 +481,9 @@ class McpProxy:
         body = error_body(request_id, exc.code, exc.message, exc.data)
         headers = [(b"content-type", b"application/json"), (b"x-request-id", call.request_id.encode()),
                    *exc.headers]
-        call.status = exc.status if exc.status != 499 else 499
+        call.status = exc.status
+        if exc.error_class in NOT_SERVED:
+            await self.refund(call)
         if call.key is not None and call.server_id is not None:
             await self.record(call)
         if exc.status == 499:
@@ -481,6 +491,13 @@ class McpProxy:
         await send({"type": "http.response.start", "status": exc.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
         self.after(call)
+
+    async def refund(self, call: Call) -> None:
+        """The upstream refused or never received the call: its uses are given back."""
+        if call.quota_backend and call.key is not None:
+            await get_limiter().arefund(call.key.user_id, call.counted, backend=call.quota_backend)
+            call.quota_backend = ""
+            call.refunded = True
 
     async def record(self, call: Call) -> None:
         """One usage event per JSON-RPC message (or one for a GET/DELETE), committed before
@@ -521,8 +538,8 @@ class McpProxy:
                 "tokens_in": counter.count(raw_in) if raw_in else 0,
                 "tokens_out": counter.count(raw_out) if raw_out else (size_out + 3) // 4,
                 "bytes_in": len(raw_in), "bytes_out": size_out, "jsonrpc_error_code": code, "outcome": outcome,
-                "counted": method in counted_methods and jsonrpc_id is not None and outcome not in ("quota",
-                                                                                                    "blocked"),
+                "counted": (method in counted_methods and jsonrpc_id is not None and not call.refunded
+                            and outcome not in ("quota", "blocked")),
             })
         for row in rows:
             await get_recorder().record(row)

@@ -369,3 +369,20 @@ def test_get_stream_and_delete_pass_through(admin, flag_on, gateway):
     assert upstream_session_ids == {session_id}
     methods = set(UsageEvent.objects.values_list("method", flat=True))
     assert {"GET", "DELETE", "initialize", "notifications/initialized"} <= methods
+
+
+def test_calls_the_upstream_never_served_are_refunded(admin, flag_on, gateway, settings):
+    settings.EXTERNAL_MCP_FREE_DAILY_LIMIT = 2
+    from usage.limiter import get_limiter
+
+    with mcp_peers.default_peer() as peer:
+        url = proxy_url(gateway, register(admin, peer))
+        # A stateful upstream refuses tools/call without a session (HTTP 400): not served, not charged.
+        statuses = [asyncio.run(post(url, admin.raw_key, call("echo", {"text": "x"}, i)))[0] for i in range(4)]
+    assert statuses == [400, 400, 400, 400]
+    assert get_limiter().peek(admin.user.pk, 2).used == 0
+    assert not UsageEvent.objects.filter(counted=True).exists()
+    peer.stop()
+    statuses = [asyncio.run(post(url, admin.raw_key, call("echo", {"text": "x"}, i)))[0] for i in range(3)]
+    assert statuses == [502, 502, 502]
+    assert get_limiter().peek(admin.user.pk, 2).used == 0

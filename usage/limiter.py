@@ -68,6 +68,12 @@ FALLBACK_ACTIVE = Gauge(
 # ARGV[1]: amount (>= 1); ARGV[2]: limit (-1 = uncapped); ARGV[3]: seconds until the key expires.
 # Returns {1, used after the call} when allowed, {0, used before the call} when refused
 # (a refused call leaves the counter as it was).
+REFUND_SCRIPT = """
+local used = redis.call('DECRBY', KEYS[1], ARGV[1])
+if used < 0 then redis.call('INCRBY', KEYS[1], -used) end
+return used
+"""
+
 CONSUME_SCRIPT = """
 local amount = tonumber(ARGV[1])
 local limit = tonumber(ARGV[2])
@@ -271,6 +277,30 @@ class UsageLimiter:
         decision = self._in_caller_thread(self._db_consume, user_id, limit, amount, now)
         self._remember_fallback_use(user_id, amount, now, decision)
         return decision
+
+    async def arefund(self, user_id: int, amount: int, *, backend: str, now: datetime | None = None) -> None:
+        """Give back uses the upstream provably never served (it refused or was unreachable),
+        on the backend that counted them. Best effort: a failure leaves the use counted."""
+        now = _utc(now)
+        if backend == REDIS and self.redis_url:
+            try:
+                client, _ = self._async_client()
+                await client.eval(REFUND_SCRIPT, 1, quota_key(user_id, now.date()), amount)
+            except _REDIS_ERRORS as exc:
+                logger.warning("could not refund %s use(s) of user %s: %s", amount, user_id, exc)
+            return
+        try:
+            await sync_to_async(self._db_refund, thread_sensitive=False, executor=self._db_executor())(
+                user_id, amount, now)
+        except DatabaseError as exc:
+            logger.warning("could not refund %s use(s) of user %s: %s", amount, user_id, exc)
+
+    @staticmethod
+    def _db_refund(user_id: int, amount: int, now: datetime) -> None:
+        from usage.models import QuotaCounter
+
+        QuotaCounter.objects.filter(user_id=user_id, day=now.date(), used__gte=amount).update(
+            used=F("used") - amount, updated_at=now)
 
     async def apeek(self, user_id: int, limit: int | None, *, now: datetime | None = None) -> QuotaDecision:
         """Today's usage without counting anything; ``allowed`` says whether one more use would pass."""

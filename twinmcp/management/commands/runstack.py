@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -42,6 +43,7 @@ class Command(BaseCommand):
         for name, cmd in commands.items():
             procs[name] = subprocess.Popen(cmd, env=os.environ.copy(), start_new_session=True)
         try:
+            self.prepare_demo()
             while not stopping:
                 for name, proc in procs.items():
                     if proc.poll() is not None:
@@ -59,3 +61,25 @@ class Command(BaseCommand):
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
         self.stdout.write("Stopped.")
+
+    def prepare_demo(self) -> None:
+        """First start only: check the demo server and approve its tools, so the demo proxy works
+        at once. Real servers' tools always wait for an admin's approval."""
+        from external_mcp import catalog, health
+        from external_mcp.choices import ToolState
+        from external_mcp.models import ExternalMcpServer
+        from twinmcp.management.commands.seed_demo import DEMO_SERVER, DEMO_SLUG
+
+        server = ExternalMcpServer.objects.filter(workspace__slug=DEMO_SLUG, name=DEMO_SERVER).first()
+        if server is None or server.tools.filter(state=ToolState.APPROVED).exists():
+            return
+        for _ in range(40):
+            try:
+                with socket.create_connection(("127.0.0.1", int(DEMO_UPSTREAM_PORT)), timeout=0.5):
+                    break
+            except OSError:
+                time.sleep(0.25)
+        result, server = health.check_now(server)
+        if result.ok:
+            approved = catalog.tools_approve(server=server, actor=server.created_by, select_all=True)
+            self.stdout.write(f"Demo server is {server.status}; demo tools approved: {', '.join(approved)}")
