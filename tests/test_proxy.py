@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 import aiohttp
@@ -15,6 +16,7 @@ from external_mcp.models import ExternalMcpServer
 from tests import mcp_peers
 from tests.gateway import agent, close_gateway_connections, proxy_url, start_gateway
 from twinmcp import services as core_services
+from twinmcp.jsonlog import JsonFormatter
 from usage.models import UsageEvent
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -386,3 +388,27 @@ def test_calls_the_upstream_never_served_are_refunded(admin, flag_on, gateway, s
     statuses = [asyncio.run(post(url, admin.raw_key, call("echo", {"text": "x"}, i)))[0] for i in range(3)]
     assert statuses == [502, 502, 502]
     assert get_limiter().peek(admin.user.pk, 2).used == 0
+
+
+def test_logs_have_one_line_per_request_and_never_a_secret(admin, flag_on, gateway, caplog):
+    caplog.set_level(logging.DEBUG)
+    with mcp_peers.bearer_peer("canary-upstream-secret", json_response=True) as peer:
+        server = services.server_create(workspace=admin.workspace, actor=admin.user, name="logged",
+                                        base_url=peer.url, auth_type="bearer",
+                                        credentials={"token": "canary-upstream-secret"})
+        health.check_now(ExternalMcpServer.objects.get(pk=server.pk))
+        init = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                "params": {"protocolVersion": "2025-11-25", "capabilities": {},
+                           "clientInfo": {"name": "t", "version": "1"}}}
+        status, headers, _ = asyncio.run(post(proxy_url(gateway, server), admin.raw_key, init,
+                                              **{"X-Request-Id": "trace-42"}))
+    assert status == 200 and headers["X-Request-Id"] == "trace-42"
+    lines = [r for r in caplog.records if getattr(r, "event", "") == "proxy_request"]
+    assert len(lines) == 1
+    line = lines[0]
+    assert (line.request_id, line.method, line.outcome) == ("trace-42", "initialize", "ok")
+    assert line.server == str(server.pk) and line.workspace == str(admin.workspace.pk)
+    assert [r for r in caplog.records if getattr(r, "event", "") == "health_check"]
+    formatted = "\n".join(JsonFormatter().format(r) for r in caplog.records) + caplog.text
+    assert "canary-upstream-secret" not in formatted
+    assert admin.raw_key not in formatted

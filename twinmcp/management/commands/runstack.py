@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import time
 from typing import Any
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandParser
 
 DEMO_UPSTREAM_PORT = "8765"
@@ -32,6 +34,11 @@ class Command(BaseCommand):
         }
         commands["demo-upstream"] = [python, "-m", "external_mcp.demo_upstream", "--port", DEMO_UPSTREAM_PORT]
         procs: dict[str, subprocess.Popen[bytes]] = {}
+        # One metrics directory for every process, so /metrics shows the web and Celery metrics.
+        metrics_dir = settings.VAR_DIR / "prometheus"
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(parents=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         stopping = False
 
         def stop(*_: Any) -> None:
