@@ -5,8 +5,10 @@ a disabled server or a quarantined tool can take to reach the proxy."""
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -78,6 +80,27 @@ class TTLCache:
 
 keys = TTLCache()
 servers = TTLCache()
+_inflight: dict[tuple[int, Any], asyncio.Future[Any]] = {}
+
+
+async def _single_flight(cache: TTLCache, key: Any, load: Callable[[], Awaitable[Any]]) -> Any:
+    """One load per key at a time: when an entry expires under load, the concurrent requests
+    wait for the same database round trip instead of each making their own."""
+    value = cache.get(key)
+    if value is not None:
+        return value
+    slot = (id(asyncio.get_running_loop()), key)
+    pending = _inflight.get(slot)
+    if pending is not None:
+        return await asyncio.shield(pending)
+    pending = _inflight[slot] = asyncio.ensure_future(load())
+    try:
+        value = await pending
+    finally:
+        _inflight.pop(slot, None)
+    if value is not None:
+        cache.set(key, value, _ttl())
+    return value
 
 
 def _ttl() -> float:
@@ -95,11 +118,8 @@ def _load_key(raw: str) -> KeyInfo:
 
 async def get_key(raw: str) -> KeyInfo:
     digest = hash_key(raw)
-    info: KeyInfo | None = keys.get(digest)
-    if info is None:
-        info = await sync_to_async(_load_key, thread_sensitive=False)(raw)
-        keys.set(digest, info, _ttl())
-    elif info.expires_at is not None and info.expires_at.timestamp() <= time.time():
+    info: KeyInfo = await _single_flight(keys, digest, lambda: sync_to_async(_load_key, thread_sensitive=False)(raw))
+    if info.expires_at is not None and info.expires_at.timestamp() <= time.time():
         keys.items.pop(digest, None)
         raise ApiKeyError("This API key has expired.")
     return info
@@ -144,13 +164,10 @@ def _load_server(server_id: Any, user_id: int) -> ServerInfo | None:
 
 
 async def get_server(server_id: Any, user_id: int) -> ServerInfo | None:
-    cache_key = (server_id, user_id)
-    info: ServerInfo | None = servers.get(cache_key)
-    if info is None:
-        info = await sync_to_async(_load_server, thread_sensitive=False)(server_id, user_id)
-        if info is not None:
-            servers.set(cache_key, info, _ttl())
-    return info
+    return await _single_flight(
+        servers, (server_id, user_id),
+        lambda: sync_to_async(_load_server, thread_sensitive=False)(server_id, user_id),
+    )
 
 
 def tool_refusal(info: ServerInfo, name: str) -> str | None:
