@@ -18,6 +18,7 @@ from tests.gateway import agent, close_gateway_connections, proxy_url, start_gat
 from twinmcp import services as core_services
 from twinmcp.jsonlog import JsonFormatter
 from usage.models import UsageEvent
+from usage.signals import external_mcp_usage_event
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -233,6 +234,12 @@ def test_sdk_client_surfaces_a_readable_quota_error(admin, flag_on, gateway, set
 
 
 def test_every_request_is_recorded(admin, flag_on, gateway):
+    published: list[dict] = []
+
+    def receiver(sender, events, **kwargs):
+        published.extend(events)
+
+    external_mcp_usage_event.connect(receiver, weak=False)
     with mcp_peers.stateless_peer() as peer:
         url = proxy_url(gateway, register(admin, peer))
 
@@ -246,6 +253,8 @@ def test_every_request_is_recorded(admin, flag_on, gateway):
     event = events.order_by("-bytes_in").first()
     assert event.tokens_in > 0 and event.tokens_out > 0 and event.latency_ms > 0 and event.upstream_status == 200
     assert event.user_id == admin.user.pk and event.api_key_id == admin.key.pk and event.request_id
+    external_mcp_usage_event.disconnect(receiver)
+    assert len([e for e in published if e["method"] == "tools/call"]) == 60
 
 
 def test_client_disconnect_mid_stream_is_recorded(admin, flag_on, gateway):

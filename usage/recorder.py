@@ -21,6 +21,8 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connections
 
+from usage.signals import external_mcp_usage_event
+
 logger = logging.getLogger("usage.recorder")
 
 COLUMNS = (
@@ -112,6 +114,8 @@ class BatchRecorder:
             except Exception:  # noqa: BLE001 - never lose an event silently: log it whole
                 for row in rows:
                     logger.error("usage event not stored: %s", json.dumps(row, default=str))
+            else:
+                external_mcp_usage_event.send_robust(sender=BatchRecorder, events=rows)
             for _, future in batch:
                 if not future.done():
                     future.set_result(None)
