@@ -7,7 +7,7 @@ T      ?=
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test venv lint bench bench-health clean
+.PHONY: run test venv lint bench bench-health bench-usage clean
 
 $(STAMP): pyproject.toml .ci/constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ test: venv
 bench: venv
 	bash .ci/with-services.sh $(BIN)/python -m tests.bench.proxy_bench $(BENCH_ARGS)
 	bash .ci/with-services.sh $(BIN)/python -m tests.bench.health_bench
+	bash .ci/with-services.sh $(BIN)/python -m usage.bench
+
+# Usage-reporting benchmark: 1,000,000 events over 30 days on PostgreSQL.
+bench-usage: venv
+	bash .ci/with-services.sh $(BIN)/python -m usage.bench
 
 # Health-check benchmark: 1,000 servers checked in one sweep (target: within the 60 s interval).
 bench-health: venv

@@ -16,6 +16,8 @@ echo "== check --deploy (production-like settings)"
 DEBUG=false ALLOWED_HOSTS=twinmcp.example.com "$BIN/python" manage.py check --deploy --fail-level WARNING
 echo "== collectstatic"
 "$BIN/python" manage.py collectstatic --noinput -v 0
+echo "== chromium for the browser tests"
+bash .ci/browser.sh --install
 echo "== pytest"
 export SECURE_SSL_REDIRECT=false
 if [ $# -gt 0 ]; then

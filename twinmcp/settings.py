@@ -53,6 +53,7 @@ MIDDLEWARE = [
     "twinmcp.middleware.RequestIdMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
+    "twinmcp.csp.ContentSecurityPolicyMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -78,6 +79,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "twinmcp.context_processors.ui",
             ],
         },
     }
@@ -189,6 +191,16 @@ CELERY_BEAT_SCHEDULE: dict[str, dict] = {
         "task": "external_mcp.tasks.health_sweep",
         "schedule": float(config.integer("EXTERNAL_MCP_HEALTH_SWEEP_SECONDS", 15)),
     },
+    # Usage (issue 6): finalise finished days (and any missed), refresh today's partial aggregates.
+    "usage-aggregate": {
+        "task": "usage.tasks.aggregate_usage",
+        "schedule": float(config.integer("USAGE_AGGREGATE_EVERY_SECONDS", 900) or 900),
+    },
+    # Usage retention: delete raw events past EXTERNAL_MCP_USAGE_RETENTION_DAYS (finalised days only).
+    "usage-retention": {
+        "task": "usage.tasks.purge_usage",
+        "schedule": float(config.integer("USAGE_RETENTION_EVERY_SECONDS", 86400) or 86400),
+    },
 }
 
 EMAIL_BACKEND = config.string("EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")
@@ -214,6 +226,13 @@ EXTERNAL_MCP_MAX_PER_ORG = config.integer("EXTERNAL_MCP_MAX_PER_ORG", 20)
 EXTERNAL_MCP_USAGE_RETENTION_DAYS = config.integer("EXTERNAL_MCP_USAGE_RETENTION_DAYS", 90)
 EXTERNAL_MCP_FREE_DAILY_LIMIT = config.integer("EXTERNAL_MCP_FREE_DAILY_LIMIT", 200)
 
+# Usage reporting (issue 6): aggregation, retention, API, billing hooks.
+USAGE_FINALIZE_GRACE_SECONDS = config.integer("USAGE_FINALIZE_GRACE_SECONDS", 300)
+USAGE_RETENTION_BATCH_SIZE = config.integer("USAGE_RETENTION_BATCH_SIZE", 5000) or 5000
+USAGE_QUOTA_COUNTER_KEEP_DAYS = config.integer("USAGE_QUOTA_COUNTER_KEEP_DAYS", 7)
+USAGE_MAX_RANGE_DAYS = config.integer("USAGE_MAX_RANGE_DAYS", 366) or 366
+USAGE_BILLING_HOOKS = config.csv_list("USAGE_BILLING_HOOKS", ["usage.billing.BillingRecordHook"])
+
 # The proxy.
 EXTERNAL_MCP_MAX_RESPONSE_BYTES = config.integer("EXTERNAL_MCP_MAX_RESPONSE_BYTES", 10 * 1024 * 1024)
 EXTERNAL_MCP_PROXY_MAX_BODY_BYTES = config.integer("EXTERNAL_MCP_PROXY_MAX_BODY_BYTES", 1024 * 1024)
@@ -233,6 +252,17 @@ EXTERNAL_MCP_HEALTH_SWEEP_LIMIT = config.integer("EXTERNAL_MCP_HEALTH_SWEEP_LIMI
 
 TWINMCP_API_KEY_TOUCH_SECONDS = config.integer("TWINMCP_API_KEY_TOUCH_SECONDS", 300)
 TWINMCP_UPGRADE_URL = config.string("TWINMCP_UPGRADE_URL", "/billing/upgrade/")
+
+# Content-Security-Policy (twinmcp.csp): own assets only, no inline script or style, no eval.
+TWINMCP_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; font-src 'self'; "
+    "connect-src 'self'; object-src 'none'; base-uri 'self'; form-action 'self'; frame-ancestors 'none'"
+)
+# Swagger UI (drf-spectacular) boots with an inline script and style block.
+TWINMCP_CSP_PATH_OVERRIDES = {
+    "/api/docs/": TWINMCP_CSP.replace("script-src 'self'", "script-src 'self' 'unsafe-inline'")
+    .replace("style-src 'self'", "style-src 'self' 'unsafe-inline'"),
+}
 
 # Metrics: a bearer token, or callers from these networks (the Prometheus scraper).
 METRICS_BEARER_TOKEN = config.string("METRICS_BEARER_TOKEN")

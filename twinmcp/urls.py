@@ -3,7 +3,7 @@ from django.contrib.auth import views as auth_views
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from twinmcp import api, metrics_view, views
+from twinmcp import api, metrics_view, ui, views
 
 urlpatterns = [
     path("", views.home, name="home"),
@@ -13,9 +13,13 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/api-keys/", api.ApiKeyListCreate.as_view(), name="twinmcp-api-keys"),
     path("api/v1/api-keys/<uuid:key_id>/", api.ApiKeyRevoke.as_view(), name="twinmcp-api-key"),
+    path("api-keys/", ui.api_keys, name="twinmcp-ui-api-keys"),
+    path("api-keys/<uuid:key_id>/revoke/", ui.api_key_revoke, name="twinmcp-ui-api-key-revoke"),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
     path("", include("external_mcp.urls")),
     path("", include("usage.urls")),
+    path("", include("external_mcp.ui_urls")),
+    path("", include("usage.ui_urls")),
     path("metrics", metrics_view.metrics, name="metrics"),
 ]

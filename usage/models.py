@@ -76,3 +76,114 @@ class UsageEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.method} {self.outcome} at {self.created_at:%Y-%m-%d %H:%M:%S}"
+
+
+# -- daily aggregates (issue 6) -------------------------------------------------------------------
+
+# Outcomes that count as errors in the aggregates and the usage API.
+ERROR_OUTCOMES = (Outcome.ERROR, Outcome.TIMEOUT, Outcome.UPSTREAM_ERROR)
+
+
+class UsageDaily(models.Model):
+    """One (UTC day, workspace, user, server, tool) bucket of usage events, written only by
+    ``usage.aggregation``. ``tool`` is "" for methods other than ``tools/call``. Like
+    ``UsageEvent``, the foreign keys carry no database constraint: deleting a server or a user
+    never breaks (or deletes) history. ``latency_p95_ms`` is PostgreSQL's
+    ``percentile_cont(0.95)`` (linear interpolation) over the bucket's latencies."""
+
+    day = models.DateField(help_text="UTC day of the events.")
+    workspace = models.ForeignKey("twinmcp.Workspace", null=True, on_delete=models.DO_NOTHING, db_constraint=False,
+                                  related_name="+")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.DO_NOTHING, db_constraint=False,
+                             related_name="+")
+    server = models.ForeignKey("external_mcp.ExternalMcpServer", null=True, on_delete=models.DO_NOTHING,
+                               db_constraint=False, related_name="+")
+    tool = models.CharField(max_length=200, blank=True, default="")
+    requests = models.BigIntegerField(default=0)
+    counted = models.BigIntegerField(default=0, help_text="Uses counted against the daily quota.")
+    errors = models.BigIntegerField(default=0, help_text="Outcomes error, timeout and upstream_error.")
+    quota_rejections = models.BigIntegerField(default=0)
+    blocked = models.BigIntegerField(default=0)
+    tokens_in = models.BigIntegerField(default=0)
+    tokens_out = models.BigIntegerField(default=0)
+    bytes_in = models.BigIntegerField(default=0)
+    bytes_out = models.BigIntegerField(default=0)
+    latency_sum_ms = models.FloatField(default=0)
+    latency_avg_ms = models.FloatField(default=0)
+    latency_p95_ms = models.FloatField(null=True, blank=True)
+    first_at = models.DateTimeField()
+    last_at = models.DateTimeField()
+
+    class Meta:
+        db_table = "external_mcp_usage_daily"
+        ordering = ["day", "workspace_id", "user_id", "server_id", "tool"]
+        constraints = [
+            models.UniqueConstraint(fields=["day", "workspace", "user", "server", "tool"],
+                                    name="usage_daily_bucket_unique"),
+        ]
+        indexes = [
+            models.Index(fields=["workspace", "day"], name="usage_daily_ws_day"),
+            models.Index(fields=["user", "day"], name="usage_daily_user_day"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.day} ws={self.workspace_id} user={self.user_id} server={self.server_id} {self.tool!r}"
+
+
+class DayState(models.TextChoices):
+    PARTIAL = "partial", "Partial (the day is not over, or not finalised yet)"
+    FINAL = "final", "Final"
+
+
+class UsageDayState(models.Model):
+    """The fill-state mark of one UTC day's aggregates (Zulip ``analytics`` style). A day is
+    rewritten in one transaction (delete its buckets, insert them again), so a crashed run
+    leaves the previous state and is simply redone. A partial day's buckets cover the events
+    created before ``covered_until``; the usage API adds the raw events since. ``raw_purged_at``
+    is set by retention before it deletes the day's raw events: from then on the aggregates are
+    the only record and the day is never recomputed."""
+
+    day = models.DateField(primary_key=True)
+    state = models.CharField(max_length=16, choices=DayState.choices, default=DayState.PARTIAL)
+    filled_at = models.DateTimeField(null=True, blank=True)
+    covered_until = models.DateTimeField(
+        null=True, blank=True,
+        help_text="The buckets hold the events created before this instant: the next midnight once final; "
+                  "for a partial day, the last fill minus USAGE_FINALIZE_GRACE_SECONDS.")
+    events = models.BigIntegerField(default=0, help_text="Raw events aggregated on the last fill.")
+    buckets = models.PositiveIntegerField(default=0, help_text="UsageDaily rows written on the last fill.")
+    raw_purged_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        db_table = "external_mcp_usage_day_state"
+        ordering = ["day"]
+
+    def __str__(self) -> str:
+        return f"{self.day}: {self.state}"
+
+
+class BillingRecord(models.Model):
+    """Per (UTC day, workspace, user) billable figures, written by the default billing hook
+    (``usage.billing.BillingRecordHook``) when a day is finalised; rewritten idempotently."""
+
+    day = models.DateField()
+    workspace = models.ForeignKey("twinmcp.Workspace", null=True, on_delete=models.DO_NOTHING, db_constraint=False,
+                                  related_name="+")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.DO_NOTHING, db_constraint=False,
+                             related_name="+")
+    requests = models.BigIntegerField(default=0)
+    counted = models.BigIntegerField(default=0)
+    tokens_in = models.BigIntegerField(default=0)
+    tokens_out = models.BigIntegerField(default=0)
+    computed_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        db_table = "external_mcp_billing_records"
+        ordering = ["day", "workspace_id", "user_id"]
+        constraints = [
+            models.UniqueConstraint(fields=["day", "workspace", "user"], name="billing_record_day_ws_user_unique"),
+        ]
+        indexes = [models.Index(fields=["workspace", "day"], name="billing_record_ws_day")]
+
+    def __str__(self) -> str:
+        return f"{self.day} ws={self.workspace_id} user={self.user_id}: {self.counted} uses"

@@ -1,0 +1,223 @@
+"""Forms of the admin pages. They only shape input: every rule lives in ``external_mcp.services``,
+whose ``ValidationError`` keys (``base_url``, ``credentials.token``…) are put back next to the
+field they name by :func:`apply_service_errors`.
+
+Secrets are write-only: no credential input ever renders a value, not even after a failed submit.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, time
+from typing import Any
+
+from django import forms
+from django.core.exceptions import ValidationError
+
+from external_mcp.choices import SUPPORTED_AUTH_TYPE_CHOICES, AuthType, ServerStatus
+from external_mcp.credentials import MAX_PEM_BYTES
+
+CREDENTIALS_PREFIX = "cred"
+
+
+class WriteOnlyTextInput(forms.TextInput):
+    """A text input that, like ``PasswordInput``, never renders its value back."""
+
+    def get_context(self, name: str, value: Any, attrs: dict | None) -> dict:
+        return super().get_context(name, None, attrs)
+
+
+def _secret(label: str, help_text: str = "") -> forms.CharField:
+    return forms.CharField(
+        label=label, required=False, strip=False, help_text=help_text,
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password", "spellcheck": "false"}),
+    )
+
+
+class ServerFilterForm(forms.Form):
+    status = forms.ChoiceField(label="Status", required=False,
+                               choices=[("", "Any status"), *ServerStatus.choices])
+    tag = forms.CharField(label="Tag", required=False, max_length=40,
+                          widget=forms.TextInput(attrs={"list": "known-tags", "autocomplete": "off"}))
+    search = forms.CharField(label="Search", required=False, max_length=100,
+                             widget=forms.TextInput(attrs={"type": "search", "placeholder": "Name or description"}))
+
+
+class ServerForm(forms.Form):
+    """The General section, plus the auth type that decides which credential form applies."""
+
+    workspace = forms.ChoiceField(label="Workspace", required=True)
+    name = forms.CharField(label="Name", max_length=100)
+    base_url = forms.CharField(
+        label="MCP endpoint URL", max_length=2048,
+        help_text="The server's Streamable HTTP endpoint, e.g. https://mcp.example.com/mcp",
+        widget=forms.URLInput(attrs={"placeholder": "https://mcp.example.com/mcp", "spellcheck": "false"}),
+    )
+    description = forms.CharField(label="Description", required=False, max_length=2000,
+                                  widget=forms.Textarea(attrs={"rows": 3}))
+    tags = forms.CharField(label="Tags", required=False, max_length=1000,
+                           help_text="Comma-separated, e.g. crm, production")
+    auth_type = forms.ChoiceField(label="Authentication type", choices=SUPPORTED_AUTH_TYPE_CHOICES,
+                                  initial=AuthType.NONE)
+
+    def __init__(self, *args: Any, workspaces: list | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        workspaces = workspaces or []
+        if len(workspaces) > 1:
+            self.fields["workspace"].choices = [(str(w.pk), w.name) for w in workspaces]
+        else:
+            # One workspace (or an edit, where the workspace cannot change): no choice to make.
+            del self.fields["workspace"]
+        self.workspaces = {str(w.pk): w for w in workspaces}
+
+    def chosen_workspace(self) -> Any:
+        if "workspace" in self.fields:
+            return self.workspaces[self.cleaned_data["workspace"]]
+        return next(iter(self.workspaces.values()))
+
+    def service_fields(self) -> dict[str, Any]:
+        data = self.cleaned_data
+        return {
+            "name": data["name"], "base_url": data["base_url"], "description": data["description"],
+            "tags": [t.strip() for t in data["tags"].split(",") if t.strip()],
+        }
+
+
+class CredentialsForm(forms.Form):
+    """Base of the per-auth-type credential forms; fields are named like the payload keys."""
+
+    auth_type: str = AuthType.NONE
+    # Names of fields that are not secret and may be shown again.
+    public_fields: tuple[str, ...] = ()
+
+    expires_at = forms.DateField(
+        label="Secret expires on (optional)", required=False,
+        help_text="When the upstream will stop accepting this secret; used for reminders only.",
+        widget=forms.DateInput(attrs={"type": "date"}),
+    )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("prefix", CREDENTIALS_PREFIX)
+        super().__init__(*args, **kwargs)
+
+    def payload_fields(self) -> list[str]:
+        return [name for name in self.fields if name != "expires_at"]
+
+    def payload(self, *, new: bool = False) -> dict[str, str] | None:
+        """The non-empty values typed. For ``new`` credentials (a new server, a new auth type) always a
+        dict, so the service names each missing field; otherwise None when no secret was typed
+        (the stored credentials stay as they are) and no public field (header name) was changed."""
+        values = {name: self.cleaned_data.get(name) for name in self.payload_fields()}
+        values = {name: value for name, value in values.items() if value not in (None, "")}
+        if new:
+            return values
+        changed = any(name not in self.public_fields
+                      or value != self.initial.get(name, self.fields[name].initial) for name, value in values.items())
+        return values if changed else None
+
+    def expires_at_value(self) -> datetime | None:
+        day = self.cleaned_data.get("expires_at")
+        return datetime.combine(day, time.min, tzinfo=UTC) if day else None
+
+
+class NoCredentialsForm(CredentialsForm):
+    auth_type = AuthType.NONE
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        del self.fields["expires_at"]
+
+    def payload(self, *, new: bool = False) -> None:
+        return None
+
+
+class ApiKeyCredentialsForm(CredentialsForm):
+    auth_type = AuthType.API_KEY
+    public_fields = ("header",)
+
+    header = forms.CharField(label="Header name", required=False, max_length=100, initial="X-API-Key",
+                             help_text="The HTTP header the server reads the key from.")
+    value = _secret("API key")
+
+
+class BasicCredentialsForm(CredentialsForm):
+    auth_type = AuthType.BASIC
+
+    username = forms.CharField(label="Username", required=False, strip=False,
+                               widget=WriteOnlyTextInput(attrs={"autocomplete": "off", "spellcheck": "false"}))
+    password = _secret("Password")
+
+
+class BearerCredentialsForm(CredentialsForm):
+    auth_type = AuthType.BEARER
+
+    token = _secret("Bearer token")
+
+
+class PemFileField(forms.FileField):
+    """An uploaded PEM file, returned as text (the service checks what it contains)."""
+
+    def clean(self, data: Any, initial: Any = None) -> str | None:
+        upload = super().clean(data, initial)
+        if not upload:
+            return None
+        raw = upload.read(MAX_PEM_BYTES + 1)
+        if len(raw) > MAX_PEM_BYTES:
+            raise ValidationError(f"Larger than {MAX_PEM_BYTES // 1024} KiB.")
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValidationError("Not a PEM text file (upload the .pem/.crt/.key file, not DER).") from None
+
+
+class MtlsCredentialsForm(CredentialsForm):
+    auth_type = AuthType.MTLS
+    public_fields = ("ca_bundle_pem",)
+
+    client_cert_pem = PemFileField(label="Client certificate (PEM)", required=False,
+                                   widget=forms.ClearableFileInput(attrs={"accept": ".pem,.crt,.cer"}))
+    client_key_pem = PemFileField(label="Client private key (PEM, unencrypted)", required=False,
+                                  widget=forms.ClearableFileInput(attrs={"accept": ".pem,.key"}))
+    ca_bundle_pem = PemFileField(label="CA bundle to trust (PEM, optional)", required=False,
+                                 widget=forms.ClearableFileInput(attrs={"accept": ".pem,.crt"}))
+
+
+CREDENTIAL_FORMS: dict[str, type[CredentialsForm]] = {
+    AuthType.NONE: NoCredentialsForm,
+    AuthType.API_KEY: ApiKeyCredentialsForm,
+    AuthType.BASIC: BasicCredentialsForm,
+    AuthType.BEARER: BearerCredentialsForm,
+    AuthType.MTLS: MtlsCredentialsForm,
+}
+
+
+def credentials_form(auth_type: str | None, *args: Any, **kwargs: Any) -> CredentialsForm:
+    form_class = CREDENTIAL_FORMS.get(auth_type or AuthType.NONE, NoCredentialsForm)
+    return form_class(*args, **kwargs)
+
+
+def apply_service_errors(exc: ValidationError, *forms_: forms.Form) -> None:
+    """Put a service's ``ValidationError`` next to the fields it names.
+
+    ``credentials.<field>`` goes to the credential form's field, ``credentials`` to its top; a
+    key no form has goes to the first form's top, prefixed with the key so it stays readable."""
+    messages = exc.message_dict if hasattr(exc, "error_dict") else {"__all__": exc.messages}
+    main = forms_[0]
+    creds = next((f for f in forms_ if isinstance(f, CredentialsForm)), None)
+    for key, errors in messages.items():
+        for error in errors:
+            if key.startswith("credentials.") and creds is not None:
+                name = key.split(".", 1)[1]
+                if name in creds.fields:
+                    creds.add_error(name, error)
+                else:
+                    creds.add_error(None, f"{name}: {error}")
+            elif key in ("credentials", "credentials_expires_at") and creds is not None:
+                creds.add_error(None, error)
+            else:
+                target = next((f for f in forms_ if key in f.fields), None)
+                if target is not None:
+                    target.add_error(key, error)
+                elif key in ("__all__", "non_field_errors"):
+                    main.add_error(None, error)
+                else:
+                    main.add_error(None, f"{key}: {error}")

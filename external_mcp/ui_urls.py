@@ -1,0 +1,22 @@
+"""Admin pages of the server registry and the notification inbox (see external_mcp.views)."""
+
+from django.urls import path
+
+from external_mcp import views
+
+urlpatterns = [
+    path("servers/", views.server_list, name="external_mcp-ui-servers"),
+    path("servers/new/", views.server_add, name="external_mcp-ui-server-add"),
+    path("servers/<uuid:server_id>/", views.server_detail, name="external_mcp-ui-server"),
+    path("servers/<uuid:server_id>/edit/", views.server_edit, name="external_mcp-ui-server-edit"),
+    path("servers/<uuid:server_id>/test/", views.server_test, name="external_mcp-ui-server-test"),
+    path("servers/<uuid:server_id>/toggle/", views.server_toggle, name="external_mcp-ui-server-toggle"),
+    path("servers/<uuid:server_id>/delete/", views.server_delete, name="external_mcp-ui-server-delete"),
+    path("servers/<uuid:server_id>/rotate/", views.server_rotate, name="external_mcp-ui-server-rotate"),
+    path("servers/<uuid:server_id>/tools/approve/", views.server_tools_approve,
+         name="external_mcp-ui-server-tools-approve"),
+    path("notifications/", views.notifications, name="external_mcp-ui-notifications"),
+    path("notifications/read-all/", views.notifications_read_all, name="external_mcp-ui-notifications-read-all"),
+    path("notifications/<uuid:notification_id>/read/", views.notification_read,
+         name="external_mcp-ui-notification-read"),
+]

@@ -1,0 +1,100 @@
+"""Browser tests: Playwright (PyPI ``playwright``) driving Debian's Chromium against pytest-django's
+``live_server``. Run ``bash .ci/browser.sh`` once to install Chromium; without Playwright or Chromium
+these tests are skipped locally and fail in CI (``CI=true``)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = os.environ.get("TWINMCP_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+SCREENSHOTS = Path(__file__).resolve().parent.parent / "screenshots"
+DESKTOP = {"width": 1280, "height": 800}
+PHONE = {"width": 390, "height": 844}
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (run `bash .ci/browser.sh`)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def _sync_orm_beside_playwright() -> Iterator[None]:
+    """Playwright's running loop makes Django take the tests' ORM calls (and the database flush after
+    each test) for calls from async code; they are plain sync calls. Only for this module's tests."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+        yield
+
+
+@pytest.fixture(scope="module")
+def browser(_sync_orm_beside_playwright) -> Iterator[object]:
+    """One headless Chromium per module. Not per session: Playwright's sync API keeps its asyncio loop
+    marked as running on the main thread until it stops, which would break later tests' asyncio.run()."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _unavailable("playwright is not installed")
+    if not (os.access(CHROMIUM, os.X_OK) or shutil.which(CHROMIUM)):
+        _unavailable(f"no Chromium at {CHROMIUM}")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(autouse=True)
+def _browser_settings(settings) -> None:
+    """What a browser on http://localhost needs from the production-like test settings."""
+    settings.ALLOWED_HOSTS = [*settings.ALLOWED_HOSTS, "localhost", "127.0.0.1"]
+    settings.SESSION_COOKIE_SECURE = False
+    settings.CSRF_COOKIE_SECURE = False
+    # The live server serves static files from the finders, under their plain names.
+    settings.STORAGES = {**settings.STORAGES,
+                         "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}
+    settings.EXTERNAL_MCP_ALLOWED_PROTOCOLS = ["http", "https"]
+    settings.EXTERNAL_MCP_ALLOWED_NETWORKS = ["127.0.0.1/32"]
+    settings.EXTERNAL_MCP_HEALTH_TIMEOUT_MS = 3000
+    settings.TWINMCP_UI_POLL_SECONDS = 1
+
+
+class PageProblems:
+    """CSP violations and JavaScript errors seen by a page: each test ends asserting there were none."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def watch(self, page) -> None:
+        page.on("console", lambda msg: self.items.append(f"console {msg.type}: {msg.text}")
+                if msg.type == "error" and "Failed to load resource" not in msg.text else None)
+        page.on("pageerror", lambda exc: self.items.append(f"page error: {exc}"))
+
+
+@pytest.fixture
+def page(browser, live_server) -> Iterator[object]:
+    context = browser.new_context(viewport=DESKTOP, base_url=live_server.url, accept_downloads=True)
+    context.set_default_timeout(10_000)
+    page = context.new_page()
+    problems = PageProblems()
+    problems.watch(page)
+    page.problems = problems
+    yield page
+    context.close()
+    assert problems.items == [], problems.items
+
+
+def screenshot(page, name: str) -> None:
+    """Save the page at 1280 px and at 390 px (phone) under tests/screenshots/."""
+    SCREENSHOTS.mkdir(exist_ok=True)
+    original = page.viewport_size
+    for label, size in (("1280", DESKTOP), ("390", PHONE)):
+        page.set_viewport_size(size)
+        page.screenshot(path=str(SCREENSHOTS / f"{name}-{label}.png"), full_page=True)
+    page.set_viewport_size(original)

@@ -1,0 +1,113 @@
+"""The API keys page: create a TwinMCP key (shown once, with a ready-to-paste MCP client
+configuration), list the caller's keys, revoke one. Writes go through ``twinmcp.services``."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, time
+from typing import Any
+
+from django import forms
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import ValidationError
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.views.decorators.http import require_http_methods, require_POST
+
+from external_mcp.models import ExternalMcpServer
+from twinmcp import services
+from twinmcp.flags import external_mcp_enabled
+from twinmcp.models import ApiKey, Membership, Workspace
+
+
+class ApiKeyCreateForm(forms.Form):
+    name = forms.CharField(label="Key name", max_length=100, initial="default",
+                           help_text="Where the key will be used, e.g. “laptop” or “ci-agent”.")
+    workspace = forms.ChoiceField(label="Workspace")
+    expires_on = forms.DateField(label="Expires on (optional)", required=False,
+                                 widget=forms.DateInput(attrs={"type": "date"}),
+                                 help_text="The key stops working at 00:00 UTC that day.")
+
+    def __init__(self, *args: Any, workspaces: list[Workspace], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.workspaces = {str(w.pk): w for w in workspaces}
+        if len(workspaces) == 1:
+            self.fields["workspace"].widget = forms.HiddenInput()
+            self.fields["workspace"].initial = str(workspaces[0].pk)
+        self.fields["workspace"].choices = [(str(w.pk), w.name) for w in workspaces]
+
+
+def mcp_client_config(request: HttpRequest, workspace: Workspace, raw_key: str) -> tuple[str, int]:
+    """A JSON ``mcpServers`` block with every server of the key's workspace behind the proxy."""
+    servers = []
+    if external_mcp_enabled(request, [workspace.pk]):
+        servers = list(ExternalMcpServer.objects.visible_to(request.user).filter(workspace=workspace)
+                       .order_by("name"))
+    entries = {
+        server.name: {
+            "type": "http",
+            "url": request.build_absolute_uri(reverse("external_mcp-proxy", args=[server.pk])),
+            "headers": {"Authorization": f"Bearer {raw_key}"},
+        }
+        for server in servers
+    }
+    if not entries:
+        entries = {"<server name>": {
+            "type": "http",
+            "url": request.build_absolute_uri("/api/v1/external-mcp/") + "<server id>/mcp",
+            "headers": {"Authorization": f"Bearer {raw_key}"},
+        }}
+    return json.dumps({"mcpServers": entries}, indent=2, ensure_ascii=False), len(servers)
+
+
+def _page(request: HttpRequest, form: ApiKeyCreateForm, *, created: dict | None = None,
+          status: int = 200) -> HttpResponse:
+    keys = ApiKey.objects.filter(user=request.user).select_related("workspace")
+    response = render(request, "twinmcp/api_keys.html",
+                      {"form": form, "keys": keys, "created": created,
+                       "multi_workspace": len(form.workspaces) > 1}, status=status)
+    if created:
+        response["Cache-Control"] = "no-store"  # the raw key is in this page: never cache it
+    return response
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def api_keys(request: HttpRequest) -> HttpResponse:
+    workspaces = [m.workspace for m in Membership.objects.filter(user=request.user).select_related("workspace")
+                  .order_by("workspace__name")]
+    if request.method == "GET":
+        return _page(request, ApiKeyCreateForm(workspaces=workspaces))
+    form = ApiKeyCreateForm(request.POST, workspaces=workspaces)
+    if not workspaces:
+        form.add_error(None, "You are not a member of any workspace yet; ask an administrator to add you.")
+    elif form.is_valid():
+        workspace = form.workspaces[form.cleaned_data["workspace"]]
+        day = form.cleaned_data.get("expires_on")
+        try:
+            key, raw = services.api_key_create(
+                user=request.user, workspace=workspace, name=form.cleaned_data["name"],
+                expires_at=datetime.combine(day, time.min, tzinfo=UTC) if day else None,
+            )
+        except ValidationError as exc:
+            for field, errors in exc.message_dict.items():
+                target = "expires_on" if field == "expires_at" else field
+                form.add_error(target if target in form.fields else None, errors)
+        else:
+            config, server_count = mcp_client_config(request, workspace, raw)
+            created = {"key": key, "raw": raw, "config": config, "server_count": server_count}
+            return _page(request, ApiKeyCreateForm(workspaces=workspaces), created=created, status=201)
+    return _page(request, form, status=400)
+
+
+@login_required
+@require_POST
+def api_key_revoke(request: HttpRequest, key_id: Any) -> HttpResponse:
+    key = ApiKey.objects.filter(pk=key_id, user=request.user).first()
+    if key is None:
+        raise Http404("No such key.")
+    services.api_key_revoke(key=key)
+    messages.success(request, f"Key {key.name} ({key.prefix}…) revoked; agents using it are refused from now on.")
+    return redirect("twinmcp-ui-api-keys")

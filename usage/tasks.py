@@ -1,0 +1,20 @@
+"""Celery tasks of the usage app (scheduled by beat, see CELERY_BEAT_SCHEDULE): take no ids,
+call the service modules."""
+
+from __future__ import annotations
+
+from celery import shared_task
+
+from usage import aggregation, retention
+
+
+@shared_task(ignore_result=True)
+def aggregate_usage() -> list[str]:
+    """Every USAGE_AGGREGATE_EVERY_SECONDS: finalise finished days (missed ones too), refresh today."""
+    return [str(result) for result in aggregation.run_scheduled()]
+
+
+@shared_task(ignore_result=True)
+def purge_usage() -> str:
+    """Daily: delete raw events past EXTERNAL_MCP_USAGE_RETENTION_DAYS (finalised days only)."""
+    return str(retention.purge())
