@@ -329,6 +329,8 @@ class McpProxy:
         if kind == "text/event-stream":
             out_headers.append((b"cache-control", b"no-cache"))
         out_headers.extend(extra)
+        if status >= 400:
+            call.outcome = "error"
         if status >= 500:
             metrics.ERRORS.labels(str(server.id), "proxy", "http").inc()
         elif status >= 400:
@@ -525,7 +527,7 @@ class McpProxy:
             tool = params.get("name") if method == "tools/call" else ""
             jsonrpc_id = message.get("id")
             summary = summaries.get(_id_key(jsonrpc_id)) if jsonrpc_id is not None else None
-            code = call.error_code if call.outcome != "ok" else (summary or {}).get("error_code")
+            code = call.error_code if call.error_code is not None else (summary or {}).get("error_code")
             outcome = call.outcome
             if outcome == "ok" and (code is not None or call.status >= 400):
                 outcome = "error"

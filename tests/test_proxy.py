@@ -392,6 +392,7 @@ def test_calls_the_upstream_never_served_are_refunded(admin, flag_on, gateway, s
         statuses = [asyncio.run(post(url, admin.raw_key, call("echo", {"text": "x"}, i)))[0] for i in range(4)]
     assert statuses == [400, 400, 400, 400]
     assert get_limiter().peek(admin.user.pk, 2).used == 0
+    assert set(UsageEvent.objects.values_list("outcome", flat=True)) == {"error"}
     assert not UsageEvent.objects.filter(counted=True).exists()
     peer.stop()
     statuses = [asyncio.run(post(url, admin.raw_key, call("echo", {"text": "x"}, i)))[0] for i in range(3)]
