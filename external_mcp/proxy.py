@@ -381,8 +381,9 @@ class McpProxy:
             done, _ = await asyncio.wait({pump, disconnect}, return_when=asyncio.FIRST_COMPLETED)
             if pump not in done:
                 pump.cancel()
-                call.outcome = "client_disconnect"
                 await asyncio.gather(pump, return_exceptions=True)
+                if not self.answered(call):
+                    call.outcome = "client_disconnect"
             else:
                 pump.result()
         finally:
@@ -421,6 +422,12 @@ class McpProxy:
                 call.outcome = "timeout"
         except aiohttp.ClientError:
             call.outcome = "upstream_error"
+
+    @staticmethod
+    def answered(call: Call) -> bool:
+        """Whether every request's response was relayed (a client may leave right after it)."""
+        ids = {_id_key(m["id"]) for m in call.messages if "id" in m and "method" in m}
+        return bool(ids) and ids <= response_summary(bytes(call.tail), "text/event-stream").keys()
 
     # --- tools/list filtering -----------------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import Any
 
 import aiohttp
@@ -69,6 +70,12 @@ async def post(url: str, key: str | None, body: dict | list, **headers: str) -> 
 PING = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
 
 
+def wait_for(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def call(name: str, arguments: dict | None = None, request_id: int = 1) -> dict:
     return {"jsonrpc": "2.0", "id": request_id, "method": "tools/call",
             "params": {"name": name, "arguments": arguments or {}}}
@@ -99,6 +106,9 @@ def test_sdk_client_lists_calls_and_gets_progress_through_the_proxy(admin, flag_
     assert progress == [1, 2, 3]
     assert admin.raw_key not in str(upstream_auth)
     events = UsageEvent.objects.filter(server_id=server.pk)
+    # An SDK client returns on the result event, a moment before the stream's last byte, which
+    # the proxy sends after committing the event: wait for that commit.
+    wait_for(lambda: events.filter(method="tools/call").count() >= 2)
     assert events.filter(method="tools/call", outcome="ok", counted=True).count() == 2
     assert set(events.filter(method="tools/call").values_list("tool_name", flat=True)) == {"echo", "count"}
 
@@ -270,10 +280,7 @@ def test_client_disconnect_mid_stream_is_recorded(admin, flag_on, gateway):
                 await asyncio.gather(task, return_exceptions=True)
 
         asyncio.run(scenario())
-        for _ in range(50):
-            if UsageEvent.objects.filter(tool_name="slow_echo").exists():
-                break
-            asyncio.run(asyncio.sleep(0.1))
+        wait_for(lambda: UsageEvent.objects.filter(tool_name="slow_echo").exists())
     event = UsageEvent.objects.get(tool_name="slow_echo")
     assert event.outcome in ("client_disconnect", "ok")
     assert event.latency_ms < 3000 or event.outcome == "ok"
