@@ -84,6 +84,7 @@ class Call:
     outcome: str = "ok"
     error_code: int | None = None
     refunded: bool = False
+    latency_ms: float | None = None
     tail: bytearray = field(default_factory=bytearray)
     response_kind: str = ""
 
@@ -514,8 +515,7 @@ class McpProxy:
         key = call.key
         if key is None or call.server_id is None:
             return
-        latency_ms = round((time.perf_counter() - call.started) * 1000, 3)
-        call.latency_ms = latency_ms  # type: ignore[attr-defined]
+        latency_ms = call.latency_ms = round((time.perf_counter() - call.started) * 1000, 3)
         counter = token_counter()
         summaries = response_summary(bytes(call.tail), call.response_kind) if call.tail else {}
         now = timezone.now()
@@ -555,7 +555,7 @@ class McpProxy:
 
     def after(self, call: Call) -> None:
         server_id = str(call.server_id) if call.server_id else "unknown"
-        latency = getattr(call, "latency_ms", (time.perf_counter() - call.started) * 1000)
+        latency = call.latency_ms if call.latency_ms is not None else (time.perf_counter() - call.started) * 1000
         method = call.messages[0].get("method", call.method) if len(call.messages) == 1 else call.method
         metrics.REQUESTS.labels(server_id, str(method)[:40] if method in _METRIC_METHODS else "other",
                                 call.outcome).inc()
