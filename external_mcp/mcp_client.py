@@ -112,7 +112,7 @@ def new_session(*, limit: int = 100, limit_per_host: int = 0) -> aiohttp.ClientS
         enable_cleanup_closed=True,
     )
     return aiohttp.ClientSession(connector=connector, auto_decompress=True, trust_env=False,
-                                 skip_auto_headers=("User-Agent",))
+                                 cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",))
 
 
 _ids = itertools.count(1)

@@ -95,12 +95,14 @@ _list_changed_sent: dict[Any, float] = {}
 
 def upstream_session() -> aiohttp.ClientSession:
     """One pooled session per event loop; keep-alive shorter than uvicorn's 5 s so a pooled
-    connection is never one the upstream already closed."""
+    connection is never one the upstream already closed. It serves every agent, so it keeps no
+    cookies: one set for an agent's call would be sent with everybody's."""
     loop = asyncio.get_running_loop()
     session = _sessions.get(loop)
     if session is None or session.closed:
         connector = aiohttp.TCPConnector(resolver=PolicyResolver(), limit=0, keepalive_timeout=4, ttl_dns_cache=10)
         session = aiohttp.ClientSession(connector=connector, auto_decompress=False, trust_env=False,
+                                        cookie_jar=aiohttp.DummyCookieJar(),
                                         skip_auto_headers=("User-Agent", "Accept-Encoding"))
         _sessions[loop] = session
     return session
@@ -339,32 +341,37 @@ class McpProxy:
         filter_tools = any(m.get("method") == "tools/list" and "id" in m for m in call.messages) and status == 200
         await send({"type": "http.response.start", "status": status, "headers": out_headers})
         call.status = status
+        last = b""
         if kind == "text/event-stream":
             await self.stream(call, response, receive, send, filter_tools)
         else:
-            await self.pass_body(call, response, send, filter_tools)
+            last = await self.pass_body(call, response, send, filter_tools)
         await self.record(call)
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await send({"type": "http.response.body", "body": last, "more_body": False})
         self.after(call)
 
-    async def pass_body(self, call: Call, response: aiohttp.ClientResponse, send: Send, filter_tools: bool) -> None:
+    async def pass_body(self, call: Call, response: aiohttp.ClientResponse, send: Send, filter_tools: bool) -> bytes:
+        """Relay a JSON answer as it arrives, holding back its last chunk: the caller sends it
+        with the end of the response once the event is committed (one write, not two)."""
         cap = settings.EXTERNAL_MCP_MAX_RESPONSE_BYTES
+        held = b""
         try:
             if filter_tools:
                 body = await response.content.read(cap + 1)
                 if len(body) > cap:
                     raise _TooLarge
-                body = self.filter_tool_list(call, body)
-                call.bytes_out = len(body)
-                call.tail = bytearray(body)
-                await send({"type": "http.response.body", "body": body, "more_body": True})
-                return
+                held = self.filter_tool_list(call, body)
+                call.bytes_out = len(held)
+                call.tail = bytearray(held)
+                return held
             async for chunk in response.content.iter_any():
                 call.bytes_out += len(chunk)
                 if call.bytes_out > cap:
                     raise _TooLarge
                 self.keep_tail(call, chunk)
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if held:
+                    await send({"type": "http.response.body", "body": held, "more_body": True})
+                held = chunk
         except _TooLarge:
             call.outcome = "upstream_error"
             metrics.ERRORS.labels(str(call.server_id), "proxy", "too_large").inc()
@@ -372,6 +379,7 @@ class McpProxy:
             call.outcome = "timeout"
         except aiohttp.ClientError:
             call.outcome = "upstream_error"
+        return held
 
     async def stream(self, call: Call, response: aiohttp.ClientResponse, receive: Receive, send: Send,
                      filter_tools: bool) -> None:

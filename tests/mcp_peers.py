@@ -757,6 +757,31 @@ def stateless_peer() -> RunningPeer:
     return mcp_peer(json_response=True, stateless=True, name="peer-stateless")
 
 
+class _CookieSetter:
+    """Sets a session cookie on every answer, as load balancers with sticky sessions do."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def with_cookie(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []),
+                                                   (b"set-cookie", b"upstream_sticky=node-1; Path=/")]}
+            await send(message)
+
+        await self.app(scope, receive, with_cookie)
+
+
+def cookie_peer() -> RunningPeer:
+    """``stateless_peer`` behind a sticky-session cookie."""
+    return RunningPeer(
+        lambda _peer: _CookieSetter(_streamable_app(build_demo_server("peer-cookie"), json_response=True,
+                                                    stateless=True)),
+        name="peer-cookie",
+    )
+
+
 def tls_peer() -> RunningPeer:
     """The default peer over HTTPS with a certificate for 127.0.0.1 from ``peer.ca``."""
     return mcp_peer(tls=True, name="peer-tls")

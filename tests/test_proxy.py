@@ -153,6 +153,22 @@ def test_agent_credentials_never_reach_upstream_and_stored_ones_do(admin, flag_o
     assert sent["host"].startswith("127.0.0.1:")
 
 
+def test_upstream_cookies_reach_neither_the_agent_nor_later_requests(admin, flag_on, gateway):
+    """One upstream connection pool serves every agent: a cookie kept for one must not be sent
+    for another."""
+    with mcp_peers.cookie_peer() as peer:
+        server = register(admin, peer)
+        server.base_url = peer.url.replace("127.0.0.1", "localhost")
+        server.save(update_fields=["base_url"])
+        url = proxy_url(gateway, server)
+        peer.clear_requests()
+        for i in range(2):
+            status, headers, _ = asyncio.run(post(url, admin.raw_key, call("echo", {"text": "x"}, i)))
+            assert status == 200 and "Set-Cookie" not in headers
+        assert [r.response_headers.get("set-cookie") for r in peer.requests] == ["upstream_sticky=node-1; Path=/"] * 2
+        assert all("cookie" not in r.headers for r in peer.requests)
+
+
 def test_authentication_and_tenancy_errors(admin, outsider, flag_on, gateway):
     with mcp_peers.stateless_peer() as peer:
         server = register(admin, peer)
@@ -265,6 +281,18 @@ def test_every_request_is_recorded(admin, flag_on, gateway):
     assert event.user_id == admin.user.pk and event.api_key_id == admin.key.pk and event.request_id
     external_mcp_usage_event.disconnect(receiver)
     assert len([e for e in published if e["method"] == "tools/call"]) == 60
+
+
+def test_a_json_answer_in_many_chunks_arrives_whole_and_is_recorded_first(admin, flag_on, gateway):
+    text = "".join(f"{i:07d}" for i in range(60_000))  # 420 kB: many socket reads on both hops
+    with mcp_peers.stateless_peer() as peer:
+        url = proxy_url(gateway, register(admin, peer))
+        status, headers, raw = asyncio.run(post(url, admin.raw_key, call("echo", {"text": text})))
+        # No waiting: the event is committed before the answer's last byte.
+        event = UsageEvent.objects.get(method="tools/call")
+    assert status == 200 and headers["Content-Type"].startswith("application/json")
+    assert json.loads(raw)["result"]["content"][0]["text"] == text
+    assert event.outcome == "ok" and event.bytes_out == len(raw)
 
 
 def test_client_disconnect_mid_stream_is_recorded(admin, flag_on, gateway):

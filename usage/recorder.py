@@ -4,8 +4,8 @@ Each proxied request hands its event to a per-process writer and waits until the
 contains it is committed, then sends its last byte. Events that arrive while a batch commits
 form the next batch, so under load one COMMIT serves many requests (design.md §5: 0.13–0.2 ms
 instead of 0.25–0.5 ms per single-row commit) while an answered request's event always survives
-a crash. On PostgreSQL a dedicated psycopg async connection inserts with a pipelined
-``executemany``; elsewhere (the SQLite demo) the ORM's ``bulk_create`` runs in a thread.
+a crash. On PostgreSQL a dedicated psycopg async connection writes each batch as one
+autocommitted multi-row INSERT; elsewhere (the SQLite demo) the ORM's ``bulk_create`` runs in a thread.
 """
 
 from __future__ import annotations
@@ -34,12 +34,14 @@ MAX_BATCH = 500
 
 
 class PsycopgSink:
+    """One autocommitted multi-row INSERT per batch: a single round trip that is its own
+    transaction, instead of BEGIN, INSERT and COMMIT (0.45 ms instead of 0.7 ms per single-row
+    batch on the 2-core machine)."""
+
+    ROW = f"({', '.join(['%s'] * len(COLUMNS))})"
+
     def __init__(self) -> None:
         self.conn: Any = None
-        self.sql = (
-            f"INSERT INTO external_mcp_usage_logs ({', '.join(COLUMNS)}) "  # noqa: S608 - constant columns
-            f"VALUES ({', '.join(['%s'] * len(COLUMNS))})"
-        )
 
     async def _connect(self) -> Any:
         import psycopg
@@ -48,15 +50,17 @@ class PsycopgSink:
         params.pop("cursor_factory", None)
         params.pop("context", None)
         params.pop("prepare_threshold", None)
-        return await psycopg.AsyncConnection.connect(**params, autocommit=False)
+        return await psycopg.AsyncConnection.connect(**params, autocommit=True)
+
+    def statement(self, size: int) -> str:
+        return (f"INSERT INTO external_mcp_usage_logs ({', '.join(COLUMNS)}) "  # noqa: S608 - constant columns
+                f"VALUES {', '.join([self.ROW] * size)}")
 
     async def write(self, rows: Sequence[dict[str, Any]]) -> None:
         if self.conn is None or self.conn.closed:
             self.conn = await self._connect()
         try:
-            async with self.conn.cursor() as cursor:
-                await cursor.executemany(self.sql, [tuple(row[c] for c in COLUMNS) for row in rows])
-            await self.conn.commit()
+            await self.conn.execute(self.statement(len(rows)), [row[c] for row in rows for c in COLUMNS])
         except Exception:
             conn, self.conn = self.conn, None
             try:
