@@ -41,17 +41,19 @@ class Outcome(models.TextChoices):
 
 class UsageEvent(models.Model):
     """One proxied JSON-RPC message (or GET/DELETE). A log: foreign keys carry no database
-    constraint, so inserts never fail or lock because a server or key was deleted meanwhile."""
+    constraint, so inserts never fail or lock because a server or key was deleted meanwhile, and
+    no single-column index either: every read is a time range, served by the composite indexes,
+    and each index is one more write on the proxy's hot path."""
 
     created_at = models.DateTimeField(default=timezone.now)
     user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.DO_NOTHING, db_constraint=False,
-                             related_name="+")
+                             db_index=False, related_name="+")
     workspace = models.ForeignKey("twinmcp.Workspace", null=True, on_delete=models.DO_NOTHING, db_constraint=False,
-                                  related_name="+")
+                                  db_index=False, related_name="+")
     server = models.ForeignKey("external_mcp.ExternalMcpServer", null=True, on_delete=models.DO_NOTHING,
-                               db_constraint=False, related_name="+")
+                               db_constraint=False, db_index=False, related_name="+")
     api_key = models.ForeignKey("twinmcp.ApiKey", null=True, on_delete=models.DO_NOTHING, db_constraint=False,
-                                related_name="+")
+                                db_index=False, related_name="+")
     method = models.CharField(max_length=100)
     tool_name = models.CharField(max_length=200, blank=True, default="")
     jsonrpc_id = models.CharField(max_length=100, blank=True, default="")

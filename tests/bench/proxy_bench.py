@@ -72,36 +72,62 @@ def body(i: int) -> bytes:
     }).encode()
 
 
-async def drive(url: str, headers: dict[str, str], concurrency: int, total: int) -> dict:
+async def drive(session: aiohttp.ClientSession, url: str, headers: dict[str, str], concurrency: int,
+                total: int) -> dict:
+    """``total`` requests from ``concurrency`` clients: raw latencies, elapsed time, errors."""
     latencies: list[float] = []
     errors = 0
     counter = iter(range(total))
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
 
-        async def worker() -> None:
-            nonlocal errors
-            for i in counter:
-                started = time.perf_counter()
-                try:
-                    async with session.post(url, data=body(i), headers=headers) as response:
-                        payload = await response.read()
-                        if response.status != 200 or b'"error"' in payload:
-                            errors += 1
-                except aiohttp.ClientError:
-                    errors += 1
-                latencies.append((time.perf_counter() - started) * 1000)
+    async def worker() -> None:
+        nonlocal errors
+        for i in counter:
+            started = time.perf_counter()
+            try:
+                async with session.post(url, data=body(i), headers=headers) as response:
+                    payload = await response.read()
+                    if response.status != 200 or b'"error"' in payload:
+                        errors += 1
+            except aiohttp.ClientError:
+                errors += 1
+            latencies.append((time.perf_counter() - started) * 1000)
 
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    latencies.sort()
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return {"latencies": latencies, "elapsed": time.perf_counter() - started, "errors": errors}
+
+
+def summarise(runs: list[dict]) -> dict:
+    latencies = sorted(x for run in runs for x in run["latencies"])
 
     def pct(p: float) -> float:
         return latencies[min(len(latencies) - 1, int(p * len(latencies)))]
 
-    return {"n": total, "p50": statistics.median(latencies), "p95": pct(0.95), "p99": pct(0.99),
-            "rps": total / elapsed, "errors": errors}
+    return {"n": len(latencies), "p50": statistics.median(latencies), "p95": pct(0.95), "p99": pct(0.99),
+            "rps": len(latencies) / sum(run["elapsed"] for run in runs),
+            "errors": sum(run["errors"] for run in runs)}
+
+
+async def measure(direct_url: str, proxy_url: str, headers: dict[str, str], key: str, level: int, total: int,
+                  rounds: int, pids: list[int]) -> dict:
+    """Alternate direct and gateway rounds so that a machine that slows down or speeds up during
+    the run (other tenants, CPU frequency) weighs on both sides alike."""
+    direct: list[dict] = []
+    proxied: list[dict] = []
+    cpu = 0.0
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=level)) as to_direct, \
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=level)) as to_gateway:
+        await drive(to_direct, direct_url, headers, level, 2 * level)  # open the connections
+        with_key = {**headers, "Authorization": f"Bearer {key}"}
+        await drive(to_gateway, proxy_url, with_key, level, 2 * level)
+        for _ in range(rounds):
+            direct.append(await drive(to_direct, direct_url, headers, level, total // rounds))
+            before = cpu_seconds(pids)
+            proxied.append(await drive(to_gateway, proxy_url, with_key, level, total // rounds))
+            cpu += cpu_seconds(pids) - before
+    gateway = summarise(proxied)
+    gateway["cpu_ms_per_call"] = cpu * 1000 / gateway["n"]
+    return {"concurrency": level, "direct": summarise(direct), "gateway": gateway}
 
 
 def setup_gateway_data(upstream_url: str) -> tuple[str, str]:
@@ -135,6 +161,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=3000, help="requests per run (bounded load)")
     parser.add_argument("--levels", default="1,16,64")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating direct/gateway rounds per level")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn workers of the gateway")
     parser.add_argument("--json", help="write the figures to this file too")
     args = parser.parse_args()
@@ -161,17 +188,10 @@ def main() -> None:
         proxy_url = f"http://127.0.0.1:{gw_port}/api/v1/external-mcp/{server_id}/mcp"
         headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
                    "MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/call", "Mcp-Name": "echo"}
-        asyncio.run(drive(upstream_url, headers, 4, 300))  # warm-up
-        asyncio.run(drive(proxy_url, {**headers, "Authorization": f"Bearer {key}"}, 4, 300))
-        rows = []
-        for level in (int(x) for x in args.levels.split(",")):
-            direct = asyncio.run(drive(upstream_url, headers, level, args.requests))
-            pids = family(gateway.pid)
-            cpu_before = cpu_seconds(pids)
-            proxied = asyncio.run(drive(proxy_url, {**headers, "Authorization": f"Bearer {key}"}, level,
-                                        args.requests))
-            proxied["cpu_ms_per_call"] = (cpu_seconds(pids) - cpu_before) * 1000 / args.requests
-            rows.append({"concurrency": level, "direct": direct, "gateway": proxied})
+        pids = family(gateway.pid)
+        asyncio.run(measure(upstream_url, proxy_url, headers, key, 4, 600, 1, pids))  # warm-up
+        rows = [asyncio.run(measure(upstream_url, proxy_url, headers, key, int(level), args.requests, args.rounds,
+                                    pids)) for level in args.levels.split(",")]
         print_table(rows)
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2))
