@@ -34,14 +34,20 @@ MAX_BATCH = 500
 
 
 class PsycopgSink:
-    """One autocommitted multi-row INSERT per batch: a single round trip that is its own
-    transaction, instead of BEGIN, INSERT and COMMIT (0.45 ms instead of 0.7 ms per single-row
-    batch on the 2-core machine)."""
+    """One autocommitted INSERT per batch: a single round trip that is its own transaction,
+    instead of BEGIN, INSERT and COMMIT (0.45 ms instead of 0.7 ms per single-row batch on the
+    2-core machine). One or two rows go as VALUES; larger batches as one array per column through
+    ``unnest``, a constant statement that psycopg parses once and PostgreSQL prepares once,
+    where a VALUES list of varying length would be parsed anew each time (1.1 ms instead of
+    1.25 ms for 16 rows, 3.9 instead of 5.8 for 100)."""
 
-    ROW = f"({', '.join(['%s'] * len(COLUMNS))})"
+    SMALL = 2
 
     def __init__(self) -> None:
         self.conn: Any = None
+        self.insert = f"INSERT INTO external_mcp_usage_logs ({', '.join(COLUMNS)}) "  # noqa: S608 - constant
+        self.row = f"({', '.join(['%s'] * len(COLUMNS))})"
+        self.unnest = ""
 
     async def _connect(self) -> Any:
         import psycopg
@@ -52,15 +58,22 @@ class PsycopgSink:
         params.pop("prepare_threshold", None)
         return await psycopg.AsyncConnection.connect(**params, autocommit=True)
 
-    def statement(self, size: int) -> str:
-        return (f"INSERT INTO external_mcp_usage_logs ({', '.join(COLUMNS)}) "  # noqa: S608 - constant columns
-                f"VALUES {', '.join([self.ROW] * size)}")
+    def statement(self, rows: Sequence[dict[str, Any]]) -> tuple[str, list[Any]]:
+        if len(rows) <= self.SMALL:
+            return self.insert + "VALUES " + ", ".join([self.row] * len(rows)), [r[c] for r in rows for c in COLUMNS]
+        if not self.unnest:
+            from usage.models import UsageEvent
+
+            fields = {field.column: field for field in UsageEvent._meta.concrete_fields}
+            casts = ", ".join(f"%s::{fields[c].db_type(connections['default'])}[]" for c in COLUMNS)
+            self.unnest = f"{self.insert}SELECT * FROM unnest({casts})"  # noqa: S608 - model types
+        return self.unnest, [[r[c] for r in rows] for c in COLUMNS]
 
     async def write(self, rows: Sequence[dict[str, Any]]) -> None:
         if self.conn is None or self.conn.closed:
             self.conn = await self._connect()
         try:
-            await self.conn.execute(self.statement(len(rows)), [row[c] for row in rows for c in COLUMNS])
+            await self.conn.execute(*self.statement(rows))
         except Exception:
             conn, self.conn = self.conn, None
             try:
@@ -99,6 +112,7 @@ class BatchRecorder:
         self.sink = sink
         self.queue: asyncio.Queue[tuple[dict[str, Any], asyncio.Future[None]]] = asyncio.Queue()
         self.task: asyncio.Task[None] | None = None
+        self.writing = False
 
     async def record(self, row: dict[str, Any]) -> None:
         if self.task is None or self.task.done():
@@ -113,6 +127,7 @@ class BatchRecorder:
             while len(batch) < MAX_BATCH and not self.queue.empty():
                 batch.append(self.queue.get_nowait())
             rows = [row for row, _ in batch]
+            self.writing = True
             try:
                 await self._write_with_retry(rows)
             except Exception:  # noqa: BLE001 - never lose an event silently: log it whole
@@ -120,6 +135,8 @@ class BatchRecorder:
                     logger.error("usage event not stored: %s", json.dumps(row, default=str))
             else:
                 external_mcp_usage_event.send_robust(sender=BatchRecorder, events=rows)
+            finally:
+                self.writing = False
             for _, future in batch:
                 if not future.done():
                     future.set_result(None)
@@ -132,7 +149,8 @@ class BatchRecorder:
             await self.sink.write(rows)
 
     async def close(self) -> None:
-        while not self.queue.empty():
+        """Stop after the events already handed over are written (a shutdown loses none)."""
+        while not self.queue.empty() or self.writing:
             await asyncio.sleep(0.01)
         if self.task is not None:
             self.task.cancel()

@@ -1,0 +1,73 @@
+"""Group commit of usage events on PostgreSQL: every event stored exactly once, whatever the
+batch size (one or two rows as VALUES, more through unnest arrays), NULLs and text included."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+from django.db import connections
+
+from usage.models import UsageEvent
+from usage.recorder import BatchRecorder, PsycopgSink
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def event(i: int, *, workspace_id: uuid.UUID) -> dict:
+    return {
+        "created_at": datetime(2026, 11, 24, 12, 0, i % 60, tzinfo=UTC), "user_id": i if i % 3 else None,
+        "workspace_id": workspace_id, "server_id": uuid.uuid4(), "api_key_id": None if i % 2 else uuid.uuid4(),
+        "method": "tools/call" if i % 4 else "ping", "tool_name": f"outil-é-{i}" if i % 4 else "",
+        "jsonrpc_id": str(i), "request_id": uuid.uuid4().hex, "tokens_in": i, "tokens_out": 2 * i, "bytes_in": 3 * i,
+        "bytes_out": 2**40 + i, "latency_ms": i / 7, "upstream_status": None if i % 5 == 0 else 200,
+        "jsonrpc_error_code": -32602 if i % 6 == 0 else None, "outcome": "ok", "counted": bool(i % 2),
+    }
+
+
+@pytest.mark.parametrize("burst", [1, 2, 3, 250])
+def test_every_event_of_a_burst_is_stored_exactly_once(burst):
+    assert connections["default"].vendor == "postgresql"
+    workspace_id = uuid.uuid4()
+    rows = [event(i, workspace_id=workspace_id) for i in range(burst)]
+    sink = PsycopgSink()
+    sizes: list[int] = []
+    write = sink.write
+
+    async def counting_write(batch):
+        sizes.append(len(batch))
+        await write(batch)
+
+    sink.write = counting_write  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        recorder = BatchRecorder(sink)
+        await asyncio.gather(*(recorder.record(row) for row in rows))
+        await recorder.close()
+
+    asyncio.run(scenario())
+    assert sum(sizes) == burst
+    if burst > PsycopgSink.SMALL:
+        assert max(sizes) > PsycopgSink.SMALL  # the unnest path ran
+    stored = {e.request_id: e for e in UsageEvent.objects.filter(workspace_id=workspace_id)}
+    assert len(stored) == burst
+    for row in rows:
+        got = stored[row["request_id"]]
+        assert {column: getattr(got, column) for column in row} == row
+
+
+def test_close_waits_for_events_handed_over_before_it():
+    workspace_id = uuid.uuid4()
+    rows = [event(i, workspace_id=workspace_id) for i in range(40)]
+
+    async def scenario() -> None:
+        recorder = BatchRecorder(PsycopgSink())
+        pending = [asyncio.ensure_future(recorder.record(row)) for row in rows]
+        await asyncio.sleep(0)  # handed over, not yet written
+        await recorder.close()
+        await asyncio.wait_for(asyncio.gather(*pending), timeout=10)
+
+    asyncio.run(scenario())
+    assert UsageEvent.objects.filter(workspace_id=workspace_id).count() == 40
