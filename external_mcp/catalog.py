@@ -17,6 +17,7 @@ from django.utils import timezone
 from external_mcp.choices import AuditAction, NotificationKind, ToolState
 from external_mcp.models import AuditEvent, ExternalMcpServer, ExternalMcpTool
 from external_mcp.notifications import notify_admins
+from twinmcp import invalidation
 
 DEFINITION_KEYS = ("name", "title", "description", "inputSchema", "outputSchema", "annotations")
 
@@ -47,6 +48,7 @@ def catalog_sync(*, server: ExternalMcpServer, tools: Iterable[dict[str, Any]],
     """Record a discovery. Returns the tools that became ``changed`` in this sync."""
     now = now or timezone.now()
     existing = {t.name: t for t in ExternalMcpTool.objects.select_for_update().filter(server=server)}
+    states_before = {name: tool.state for name, tool in existing.items()}
     new_rows: list[ExternalMcpTool] = []
     updated: list[ExternalMcpTool] = []
     changed: list[ExternalMcpTool] = []
@@ -87,6 +89,8 @@ def catalog_sync(*, server: ExternalMcpServer, tools: Iterable[dict[str, Any]],
             tool.state = ToolState.REMOVED
             updated.append(tool)
     ExternalMcpTool.objects.bulk_create(new_rows)
+    if new_rows or any(tool.state != states_before[tool.name] for tool in updated):
+        invalidation.announce_change()
     ExternalMcpTool.objects.bulk_update(
         updated,
         ["title", "description", "input_schema", "output_schema", "annotations", "definition", "definition_hash",
@@ -132,6 +136,7 @@ def tools_approve(*, server: ExternalMcpServer, actor: AbstractBaseUser | None, 
     ExternalMcpTool.objects.bulk_update(tools, ["state", "approved_definition", "approved_hash", "approved_at",
                                                 "approved_by"])
     approved = sorted(t.name for t in tools)
+    invalidation.announce_change()
     AuditEvent.objects.create(workspace_id=server.workspace_id, server=server, server_name=server.name,
                               actor=actor, action=AuditAction.TOOLS_APPROVE, changes={"tools": approved})
     return approved
@@ -144,6 +149,7 @@ def tools_disable(*, server: ExternalMcpServer, actor: AbstractBaseUser | None, 
         tool.state = ToolState.DISABLED
     ExternalMcpTool.objects.bulk_update(tools, ["state"])
     disabled = sorted(t.name for t in tools)
+    invalidation.announce_change()
     AuditEvent.objects.create(workspace_id=server.workspace_id, server=server, server_name=server.name,
                               actor=actor, action=AuditAction.TOOLS_DISABLE, changes={"tools": disabled})
     return disabled

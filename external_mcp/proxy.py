@@ -31,6 +31,7 @@ from external_mcp import metrics, urlpolicy
 from external_mcp.jsonrpc import error_body, messages_of, response_summary
 from external_mcp.mcp_client import PolicyResolver
 from external_mcp.proxy_cache import ApiKeyError, KeyInfo, ServerInfo, get_key, get_server, tool_refusal
+from twinmcp import invalidation
 from twinmcp.apikeys import parse_authorization
 from usage.limiter import QuotaUnavailable, get_limiter
 from usage.recorder import get_recorder
@@ -631,11 +632,16 @@ class Router:
         await self.django_app(scope, receive, send)
 
     async def lifespan(self, receive: Receive, send: Send) -> None:
+        listener: asyncio.Task[None] | None = None
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                listener = asyncio.ensure_future(invalidation.listen())
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                if listener is not None:
+                    listener.cancel()
+                    await asyncio.gather(listener, return_exceptions=True)
                 loop = asyncio.get_running_loop()
                 session = _sessions.pop(loop, None)
                 if session is not None:

@@ -1,7 +1,8 @@
 """What the proxy needs per request, cached in-process for a few seconds so the hot path
 makes no database query: the caller's key and plan, the server, its credentials and the
-set of approved tools. ``EXTERNAL_MCP_PROXY_CACHE_SECONDS`` bounds how long a revocation,
-a disabled server or a quarantined tool can take to reach the proxy."""
+set of approved tools. Changes made through the services flush these caches in every
+gateway process at once (``twinmcp.invalidation``); ``EXTERNAL_MCP_PROXY_CACHE_SECONDS``
+bounds the rest (Django admin edits, Redis unreachable)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from external_mcp.auth_schemes import build_scheme
 from external_mcp.choices import ServerStatus, ToolState
 from external_mcp.models import ExternalMcpServer, ExternalMcpTool
 from external_mcp.services import CredentialUnavailable, credentials_payload
+from twinmcp import invalidation
 from twinmcp.apikeys import ApiKeyError, hash_key, resolve_key
 from twinmcp.flags import external_mcp_enabled
 from twinmcp.services import profile_ensure
@@ -80,6 +82,8 @@ class TTLCache:
 
 keys = TTLCache()
 servers = TTLCache()
+invalidation.on_flush(keys.clear)
+invalidation.on_flush(servers.clear)
 _inflight: dict[tuple[int, Any], asyncio.Future[Any]] = {}
 
 
@@ -93,12 +97,13 @@ async def _single_flight(cache: TTLCache, key: Any, load: Callable[[], Awaitable
     pending = _inflight.get(slot)
     if pending is not None:
         return await asyncio.shield(pending)
+    generation = invalidation.generation()
     pending = _inflight[slot] = asyncio.ensure_future(load())
     try:
         value = await pending
     finally:
         _inflight.pop(slot, None)
-    if value is not None:
+    if value is not None and invalidation.generation() == generation:
         cache.set(key, value, _ttl())
     return value
 

@@ -18,6 +18,7 @@ from external_mcp.credentials import CleanCredentials, validate_credentials
 from external_mcp.models import AuditEvent, ExternalMcpCredential, ExternalMcpServer
 from external_mcp.status import transition
 from external_mcp.urlpolicy import UrlPolicyError, validate_url
+from twinmcp import invalidation
 from twinmcp.api_errors import LimitReached
 from twinmcp.models import Workspace
 
@@ -221,6 +222,7 @@ def server_update(
         transition(server=server, new=ServerStatus.NEW if server.enabled else ServerStatus.DISABLED, reason=reason)
     if changes:
         _audit(server=server, actor=actor, action=AuditAction.UPDATE, changes=changes)
+        invalidation.announce_change()
         transaction.on_commit(lambda: _queue_check(server.pk))
     return server
 
@@ -229,6 +231,7 @@ def server_update(
 def server_delete(*, server: ExternalMcpServer, actor: AbstractBaseUser | None) -> None:
     _audit(server=server, actor=actor, action=AuditAction.DELETE, changes={"id": str(server.pk)})
     server.delete()
+    invalidation.announce_change()
 
 
 @transaction.atomic
@@ -257,6 +260,7 @@ def credentials_rotate(
     if clean is not None:
         changes["fingerprint"] = crypto.fingerprint(clean.payload)
     _audit(server=server, actor=actor, action=AuditAction.ROTATE, changes=changes)
+    invalidation.announce_change()
     transaction.on_commit(lambda: _queue_check(server.pk))
     return server
 

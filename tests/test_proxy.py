@@ -457,3 +457,36 @@ def test_logs_have_one_line_per_request_and_never_a_secret(admin, flag_on, gatew
     formatted = "\n".join(JsonFormatter().format(r) for r in caplog.records) + caplog.text
     assert "canary-upstream-secret" not in formatted
     assert admin.raw_key not in formatted
+
+
+def test_a_revoked_key_stops_at_once_despite_the_cache(admin, flag_on, gateway, settings):
+    settings.EXTERNAL_MCP_PROXY_CACHE_SECONDS = 300
+    with mcp_peers.stateless_peer() as peer:
+        url = proxy_url(gateway, register(admin, peer))
+        assert asyncio.run(post(url, admin.raw_key, call("echo", {"text": "x"})))[0] == 200
+        core_services.api_key_revoke(key=admin.key)
+        status, _, body = asyncio.run(post(url, admin.raw_key, call("echo", {"text": "x"})))
+    assert status == 401 and "revoked" in json.loads(body)["error"]["message"]
+
+
+def test_a_change_announced_by_another_process_reaches_the_gateway(admin, flag_on, gateway, settings, redis_url):
+    """Another process (a Celery worker, another gateway host) quarantines a tool: its write
+    does not touch this process's cache, its announcement on Redis does."""
+    from external_mcp.models import ExternalMcpTool
+    from twinmcp import invalidation
+
+    settings.EXTERNAL_MCP_PROXY_CACHE_SECONDS = 300
+    with mcp_peers.stateless_peer() as peer:
+        server = register(admin, peer)
+        url = proxy_url(gateway, server)
+        assert asyncio.run(post(url, admin.raw_key, call("echo", {"text": "x"})))[0] == 200
+        ExternalMcpTool.objects.filter(server=server, name="echo").update(state="changed")
+
+        def refused() -> bool:
+            _, _, body = asyncio.run(post(url, admin.raw_key, call("echo", {"text": "x"}, 2)))
+            return "quarantined" in json.loads(body).get("error", {}).get("message", "")
+
+        assert not refused()  # still cached: nothing told this process yet
+        redis_lib.Redis.from_url(redis_url).publish(invalidation.CHANNEL, b"flush")
+        wait_for(refused, timeout=3)
+        assert refused()

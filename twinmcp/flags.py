@@ -11,6 +11,7 @@ from rest_framework import exceptions, permissions
 from waffle import get_waffle_flag_model
 from waffle.models import Flag
 
+from twinmcp import invalidation
 from twinmcp.models import FlagWorkspace, Membership, Workspace
 from twinmcp.scoping import key_workspace_ids
 
@@ -31,7 +32,9 @@ def external_mcp_enabled(request: HttpRequest | Any, workspace_ids: Iterable[Any
 
 def flag_enable_for_workspace(*, workspace: Workspace, name: str | None = None) -> None:
     flag, _ = Flag.objects.get_or_create(name=name or settings.EXTERNAL_MCP_FLAG)
-    FlagWorkspace.objects.get_or_create(flag=flag, workspace=workspace)
+    _, created = FlagWorkspace.objects.get_or_create(flag=flag, workspace=workspace)
+    if created:
+        invalidation.announce_change()
 
 
 class ExternalMcpEnabled(permissions.BasePermission):

@@ -11,6 +11,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 from django.utils.text import slugify
 
+from twinmcp import invalidation
 from twinmcp.apikeys import generate_key
 from twinmcp.models import ApiKey, Membership, Plan, PlanCode, Profile, Role, Workspace
 
@@ -41,6 +42,7 @@ def profile_set_plan(*, user: AbstractBaseUser, code: str) -> Profile:
     if profile.plan_id != plan.pk:
         profile.plan = plan
         profile.save(update_fields=["plan"])
+        invalidation.announce_change()
     return profile
 
 
@@ -69,6 +71,7 @@ def member_add(*, workspace: Workspace, user: AbstractBaseUser, role: str) -> Me
 
 def member_remove(*, workspace: Workspace, user: AbstractBaseUser) -> None:
     Membership.objects.filter(workspace=workspace, user=user).delete()
+    invalidation.announce_change()
 
 
 def api_key_create(
@@ -99,4 +102,5 @@ def api_key_revoke(*, key: ApiKey) -> ApiKey:
     if key.revoked_at is None:
         key.revoked_at = timezone.now()
         key.save(update_fields=["revoked_at"])
+        invalidation.announce_change()
     return key
