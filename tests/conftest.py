@@ -75,6 +75,25 @@ def flag_on(db, workspace, other_workspace) -> None:
 
 
 @pytest.fixture
+def admin_web(client, admin, flag_on):
+    """Django's test client logged in as the workspace admin (web UI tests)."""
+    client.force_login(admin.user)
+    return client
+
+
+@pytest.fixture
+def member_web(client, member, flag_on):
+    client.force_login(member.user)
+    return client
+
+
+@pytest.fixture
+def outsider_web(client, outsider, flag_on):
+    client.force_login(outsider.user)
+    return client
+
+
+@pytest.fixture
 def redis_url() -> str:
     """The real Redis that `make test` starts; in CI its absence is a failure, not a skip."""
     url = os.environ.get("REDIS_URL", "")

@@ -21,18 +21,6 @@ from usage.limiter import get_limiter
 PUBLIC_URL = "https://93.184.215.14/mcp"
 
 
-@pytest.fixture
-def admin_web(client, admin, flag_on):
-    client.force_login(admin.user)
-    return client
-
-
-@pytest.fixture
-def member_web(client, member, flag_on):
-    client.force_login(member.user)
-    return client
-
-
 def html(response) -> str:
     return response.content.decode()
 

@@ -23,24 +23,6 @@ PUBLIC_URL = "https://93.184.215.14/mcp"
 
 
 @pytest.fixture
-def admin_web(client, admin, flag_on):
-    client.force_login(admin.user)
-    return client
-
-
-@pytest.fixture
-def member_web(client, member, flag_on):
-    client.force_login(member.user)
-    return client
-
-
-@pytest.fixture
-def outsider_web(client, outsider, flag_on):
-    client.force_login(outsider.user)
-    return client
-
-
-@pytest.fixture
 def loopback(settings):
     settings.EXTERNAL_MCP_ALLOWED_PROTOCOLS = ["https", "http"]
     settings.EXTERNAL_MCP_ALLOWED_NETWORKS = ["127.0.0.1/32"]
