@@ -407,8 +407,7 @@ def server_tools_approve(request: HttpRequest, server_id: Any) -> HttpResponse:
         approved = catalog.tools_approve(server=server, actor=request.user, names=names or None,
                                          select_all=select_all)
     except ValidationError as exc:
-        error = " ".join(exc.messages) if not hasattr(exc, "error_dict") else " ".join(
-            m for msgs in exc.message_dict.values() for m in msgs)
+        error = " ".join(exc.messages)  # a field-keyed error's messages, flattened
         if error.startswith("Give tool names"):
             error = "Select at least one tool to approve."
     if not _partial(request):
