@@ -79,6 +79,8 @@ class Call:
     messages: list[dict[str, Any]] = field(default_factory=list)
     counted: int = 0
     quota_backend: str = ""
+    quota_ticket: str = ""
+    admitted: bool = False
     status: int = 0
     upstream_status: int | None = None
     bytes_out: int = 0
@@ -203,9 +205,11 @@ class McpProxy:
             return []
         try:
             decision = await get_limiter().aconsume(key.user_id, key.daily_limit, call.counted)
-        except QuotaUnavailable:
-            raise ProxyError(503, -32005, "The quota service is unavailable; try again shortly.",
-                             outcome="upstream_error", error_class="quota_unavailable") from None
+        except QuotaUnavailable as exc:
+            retry = str(exc.retry_after).encode()
+            raise ProxyError(503, -32005, f"The daily quota cannot be checked right now; try again in "
+                             f"{exc.retry_after} s.", outcome="upstream_error", error_class="quota_unavailable",
+                             headers=[(b"retry-after", retry)], data={"retry_after": exc.retry_after}) from None
         headers: list[tuple[bytes, bytes]] = []
         if decision.limit is not None:
             reset = str(decision.retry_after).encode()
@@ -213,7 +217,8 @@ class McpProxy:
                        (b"ratelimit-remaining", str(decision.remaining or 0).encode()),
                        (b"ratelimit-reset", reset)]
         if decision.allowed:
-            call.quota_backend = decision.backend
+            call.admitted = True
+            call.quota_backend, call.quota_ticket = decision.backend, decision.ticket
         else:
             metrics.QUOTA_REJECTIONS.labels(str(call.server_id)).inc()
             raise ProxyError(
@@ -514,7 +519,8 @@ class McpProxy:
     async def refund(self, call: Call) -> None:
         """The upstream refused or never received the call: its uses are given back."""
         if call.quota_backend and call.key is not None:
-            await get_limiter().arefund(call.key.user_id, call.counted, backend=call.quota_backend)
+            await get_limiter().arefund(call.key.user_id, call.counted, backend=call.quota_backend,
+                                        ticket=call.quota_ticket)
             call.quota_backend = ""
             call.refunded = True
 
@@ -556,8 +562,8 @@ class McpProxy:
                 "tokens_in": counter.count(raw_in) if raw_in else 0,
                 "tokens_out": counter.count(raw_out) if raw_out else (size_out + 3) // 4,
                 "bytes_in": len(raw_in), "bytes_out": size_out, "jsonrpc_error_code": code, "outcome": outcome,
-                "counted": (method in counted_methods and jsonrpc_id is not None and not call.refunded
-                            and outcome not in ("quota", "blocked")),
+                "counted": (call.admitted and not call.refunded and method in counted_methods
+                            and jsonrpc_id is not None),
             })
         for row in rows:
             await get_recorder().record(row)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 
 import pytest
@@ -102,3 +103,15 @@ def redis_url() -> str:
             pytest.fail("REDIS_URL is not set: run the suite with `make test`.")
         pytest.skip("REDIS_URL not set (run `make test` for the full suite)")
     return url
+
+
+@pytest.fixture
+def spare_redis(tmp_path):
+    """A private redis-server the test starts, kills, pauses and restarts empty (see tests/redis_server.py)."""
+    from tests.redis_server import RedisServer
+
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is not installed: run the suite with `make test`.")
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()

@@ -1,9 +1,18 @@
-"""A live TwinMCP gateway for tests: the real ASGI application under uvicorn on 127.0.0.1."""
+"""A live TwinMCP gateway for tests: the real ASGI application under uvicorn on 127.0.0.1, in a
+thread of the test process (``start_gateway``) or as separate worker processes (``GatewayProcess``)."""
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -41,3 +50,94 @@ def close_gateway_connections() -> None:
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                            "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+
+
+class GatewayProcess:
+    """The gateway as production runs it: ``uvicorn --workers N`` in its own process group, on the
+    test database (its data must be committed: ``django_db(transaction=True)``) and the Redis the
+    test chooses. Faults are real: ``kill_worker()`` sends SIGKILL to one worker."""
+
+    def __init__(self, *, redis_url: str, workers: int = 2, env: dict[str, str] | None = None) -> None:
+        self.redis_url = redis_url
+        self.workers = workers
+        self.extra_env = env or {}
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = tempfile.NamedTemporaryFile(prefix="twinmcp-gateway-", suffix=".log", delete=False)  # noqa: SIM115
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def url(self, server: Any) -> str:
+        return f"{self.base}/api/v1/external-mcp/{server.pk}/mcp"
+
+    def start(self) -> GatewayProcess:
+        from django.db import connection
+
+        db = connection.settings_dict
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        env = {
+            **os.environ,
+            "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+            "REDIS_URL": self.redis_url, "DEBUG": "false", "ALLOWED_HOSTS": "127.0.0.1",
+            "SECURE_SSL_REDIRECT": "false", "EXTERNAL_MCP_ALLOWED_PROTOCOLS": "https,http",
+            "EXTERNAL_MCP_ALLOWED_NETWORKS": "127.0.0.1/32", "LOG_LEVEL": "WARNING",
+            **self.extra_env,
+        }
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "twinmcp.asgi:application", "--host", "127.0.0.1", "--port",
+             str(self.port), "--workers", str(self.workers), "--no-access-log"],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while len(self.worker_pids()) < self.workers or not self._answers():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the gateway did not start:\n{self.output()}")
+            time.sleep(0.1)
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def worker_pids(self) -> list[int]:
+        if self.proc is None:
+            return []
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        try:
+            return [int(pid) for pid in children.read_text().split()]
+        except FileNotFoundError:
+            return []
+
+    def kill_worker(self) -> int:
+        pid = self.worker_pids()[0]
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        self.proc = None
+        self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)
+
+    def __enter__(self) -> GatewayProcess:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

@@ -1,18 +1,17 @@
 """The daily quota limiter, on real Redis and real PostgreSQL.
 
-Redis outages are real too: a private ``redis-server`` is started on a free port and stopped
-mid-test, or the limiter is pointed at a port nobody listens on.
+Redis faults are real too: a private ``redis-server`` this test starts on a free port (by its own
+pid) is stopped, paused with ``CLIENT PAUSE``, flushed and restarted empty mid-test, or the limiter
+is pointed at a port nobody listens on. The guarantee under test: never more uses admitted than the
+limit, whatever Redis does; a capped call that cannot be decided is refused (``QuotaUnavailable``),
+an uncapped one goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
-import socket
-import subprocess
 import threading
-import time
 from datetime import UTC, date, datetime, timedelta, timezone
 
 import psycopg
@@ -24,9 +23,12 @@ from django.db.models import QuerySet
 from django.test import override_settings
 from prometheus_client import REGISTRY
 
+from tests.redis_server import free_port
 from twinmcp import services
 from usage import limiter as limiter_module
 from usage.limiter import (
+    CONSUME_SCRIPT,
+    EPOCH_KEY,
     EXPIRY_GRACE_SECONDS,
     QuotaDecision,
     QuotaUnavailable,
@@ -35,7 +37,7 @@ from usage.limiter import (
     next_reset,
     quota_key,
 )
-from usage.models import QuotaCounter
+from usage.models import QuotaCounter, QuotaEpoch, UsageEvent
 
 LIMIT = 200
 
@@ -43,18 +45,12 @@ LIMIT = 200
 # -- helpers and fixtures --------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def unavailable_total() -> float:
+    return REGISTRY.get_sample_value("external_mcp_quota_unavailable_total") or 0.0
 
 
-def fallback_total() -> float:
-    return REGISTRY.get_sample_value("external_mcp_quota_fallback_total") or 0.0
-
-
-def fallback_active() -> float | None:
-    return REGISTRY.get_sample_value("external_mcp_quota_fallback_active")
+def unavailable_active() -> float | None:
+    return REGISTRY.get_sample_value("external_mcp_quota_unavailable_active")
 
 
 def wipe_quota_keys(client: redis.Redis) -> None:
@@ -63,53 +59,18 @@ def wipe_quota_keys(client: redis.Redis) -> None:
         client.delete(*keys)
 
 
-class RedisServer:
-    """A private redis-server this test starts and stops (by its own pid), always on one port."""
+def fields(decision: QuotaDecision) -> tuple:
+    """A decision without its random ticket."""
+    return decision.allowed, decision.limit, decision.used, decision.remaining, decision.reset_at, decision.backend
 
-    def __init__(self, directory) -> None:
-        self.port = free_port()
-        self.directory = directory
-        self.proc: subprocess.Popen | None = None
 
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.directory),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        probe = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        try:
-            for _ in range(100):
-                try:
-                    probe.ping()
-                    return
-                except redis.ConnectionError:
-                    time.sleep(0.05)
-            raise RuntimeError("redis-server did not start")
-        finally:
-            probe.close()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-        self.proc = None
+def charge(user, n: int = 1, *, at: datetime | None = None) -> None:
+    """Committed counted events: what the proxy leaves for each admitted call."""
+    UsageEvent.objects.bulk_create([
+        UsageEvent(created_at=at or datetime.now(UTC), user=user, method="tools/call", tool_name="echo",
+                   request_id=f"r{i}", latency_ms=1.0, outcome="ok", counted=True)
+        for i in range(n)
+    ])
 
 
 def skip_on_in_memory_sqlite() -> None:
@@ -121,19 +82,10 @@ def skip_on_in_memory_sqlite() -> None:
 
 
 @pytest.fixture(autouse=True)
-def _fallback_state_is_per_test():
-    """The fallback gauge and its flag are process-wide: leave them as the next test expects."""
+def _availability_state_is_per_test():
+    """The availability gauge and its flag are process-wide: leave them as the next test expects."""
     yield
-    limiter_module._set_fallback_active(False)
-
-
-@pytest.fixture
-def spare_redis(tmp_path):
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    server = RedisServer(tmp_path)
-    yield server
-    server.stop()
+    limiter_module._set_unavailable(False)
 
 
 @pytest.fixture
@@ -220,24 +172,29 @@ def test_repr_names_the_backend(make_limiter, redis_url):
 
 # -- Redis backend ---------------------------------------------------------------------------------
 
+pytestmark_redis = pytest.mark.django_db(transaction=True)
 
-async def test_redis_counts_and_refuses_past_the_limit(make_limiter, redis_url, redis_client):
+
+@pytestmark_redis
+async def test_redis_counts_and_refuses_past_the_limit(make_limiter, redis_url, redis_client, member):
     limiter = make_limiter(redis_url)
-    first = await limiter.aconsume(7001, 3)
-    assert first == QuotaDecision(True, 3, 1, 2, next_reset(), "redis")
-    assert (await limiter.aconsume(7001, 3, amount=2)).used == 3
-    refused = await limiter.aconsume(7001, 3)
+    user_id = member.user.pk
+    first = await limiter.aconsume(user_id, 3)
+    assert fields(first) == (True, 3, 1, 2, next_reset(), "redis") and first.ticket
+    assert (await limiter.aconsume(user_id, 3, amount=2)).used == 3
+    refused = await limiter.aconsume(user_id, 3)
     assert (refused.allowed, refused.used, refused.remaining) == (False, 3, 0)
     # A refused call leaves the counter as it was.
-    assert int(redis_client.get(quota_key(7001, datetime.now(UTC).date()))) == 3
+    assert int(redis_client.get(quota_key(user_id, datetime.now(UTC).date()))) == 3
     # An amount that does not fit is refused whole, even on a fresh counter.
-    big = await limiter.aconsume(7002, 3, amount=4)
+    big = await limiter.aconsume(user_id + 1000, 3, amount=4)
     assert (big.allowed, big.used, big.remaining) == (False, 0, 3)
 
 
-async def test_redis_is_exact_under_concurrency(make_limiter, redis_url, redis_client):
+@pytestmark_redis
+async def test_redis_is_exact_under_concurrency(make_limiter, redis_url, redis_client, member):
     limiter = make_limiter(redis_url)
-    user_id = 7010
+    user_id = member.user.pk
     assert (await limiter.aconsume(user_id, LIMIT, amount=195)).used == 195
 
     decisions = await asyncio.gather(*(limiter.aconsume(user_id, LIMIT) for _ in range(50)))
@@ -251,63 +208,90 @@ async def test_redis_is_exact_under_concurrency(make_limiter, redis_url, redis_c
     assert int(redis_client.get(quota_key(user_id, datetime.now(UTC).date()))) == 200
 
 
-def test_redis_sync_path_matches(make_limiter, redis_url, redis_client):
+@pytest.mark.django_db
+def test_redis_sync_path_matches(make_limiter, redis_url, redis_client, member):
     limiter = make_limiter(redis_url)
-    assert limiter.consume(7020, 2).used == 1
-    assert limiter.consume(7020, 2).used == 2
-    refused = limiter.consume(7020, 2)
+    user_id = member.user.pk
+    assert limiter.consume(user_id, 2).used == 1
+    assert limiter.consume(user_id, 2).used == 2
+    refused = limiter.consume(user_id, 2)
     assert (refused.allowed, refused.used, refused.backend) == (False, 2, "redis")
-    peeked = limiter.peek(7020, 2)
+    peeked = limiter.peek(user_id, 2)
     assert (peeked.allowed, peeked.used, peeked.remaining) == (False, 2, 0)
-    assert limiter.peek(7021, 2) == QuotaDecision(True, 2, 0, 2, next_reset(), "redis")
 
 
-async def test_peek_does_not_count(make_limiter, redis_url, redis_client):
+@pytestmark_redis
+async def test_peek_does_not_count(make_limiter, redis_url, redis_client, member):
     limiter = make_limiter(redis_url)
-    await limiter.aconsume(7030, 5, amount=4)
+    user_id = member.user.pk
+    await limiter.aconsume(user_id, 5, amount=4)
     for _ in range(3):
-        peeked = await limiter.apeek(7030, 5)
+        peeked = await limiter.apeek(user_id, 5)
         assert (peeked.allowed, peeked.used, peeked.remaining) == (True, 4, 1)
-    await limiter.aconsume(7030, 5)
-    assert (await limiter.apeek(7030, 5)).allowed is False
+    await limiter.aconsume(user_id, 5)
+    assert (await limiter.apeek(user_id, 5)).allowed is False
 
 
-def test_redis_keys_expire_after_their_day(make_limiter, redis_url, redis_client):
+@pytest.mark.django_db
+def test_a_counter_starts_from_the_committed_events(make_limiter, redis_url, redis_client, member, admin):
+    """A counter Redis does not have — the day's first call, or a Redis that forgot — starts from
+    what the usage events say was charged today, never from zero."""
     limiter = make_limiter(redis_url)
+    user = member.user
+    charge(user, 3)
+    charge(user, 4, at=datetime.now(UTC) - timedelta(days=1))  # yesterday's
+    UsageEvent.objects.create(user=user, method="tools/call", request_id="refunded", latency_ms=1, outcome="error",
+                              counted=False)
+    charge(admin.user, 9)  # someone else's
+    peeked = limiter.peek(user.pk, 5)
+    assert (peeked.used, peeked.backend) == (3, "database")
+    assert [limiter.consume(user.pk, 5).used for _ in range(2)] == [4, 5]
+    assert limiter.consume(user.pk, 5).allowed is False
+    charge(admin.user, 0)
+    at_limit = limiter.consume(admin.user.pk, 9)
+    assert (at_limit.allowed, at_limit.used) == (False, 9)
+
+
+@pytest.mark.django_db
+def test_redis_keys_expire_after_their_day(make_limiter, redis_url, redis_client, member):
+    limiter = make_limiter(redis_url)
+    user_id = member.user.pk
     now = datetime.now(UTC)
-    limiter.consume(7040, LIMIT, now=now)
-    ttl = redis_client.ttl(quota_key(7040, now.date()))
+    limiter.consume(user_id, LIMIT, now=now)
+    ttl = redis_client.ttl(quota_key(user_id, now.date()))
     assert 0 < ttl <= (next_reset(now) - now).total_seconds() + EXPIRY_GRACE_SECONDS + 1
 
     late = datetime(2031, 3, 14, 23, 59, 59, tzinfo=UTC)
-    limiter.consume(7040, LIMIT, now=late)
-    assert 0 < redis_client.ttl(quota_key(7040, late.date())) <= 1 + EXPIRY_GRACE_SECONDS
+    limiter.consume(user_id, LIMIT, now=late)
+    assert 0 < redis_client.ttl(quota_key(user_id, late.date())) <= 1 + EXPIRY_GRACE_SECONDS
 
     # A refused first call still leaves an expiring key, and a key someone wrote without an
     # expiry gets one on its next use.
-    limiter.consume(7041, 0)
-    assert redis_client.ttl(quota_key(7041, now.date())) > 0
-    redis_client.set(quota_key(7042, now.date()), 195)
-    assert limiter.consume(7042, LIMIT, now=now).used == 196
-    assert 0 < redis_client.ttl(quota_key(7042, now.date())) <= 86400 + EXPIRY_GRACE_SECONDS
+    limiter.consume(user_id + 1, 0)
+    assert redis_client.ttl(quota_key(user_id + 1, now.date())) > 0
+    redis_client.set(quota_key(user_id + 2, now.date()), 195)
+    assert limiter.consume(user_id + 2, LIMIT, now=now).used == 196
+    assert 0 < redis_client.ttl(quota_key(user_id + 2, now.date())) <= 86400 + EXPIRY_GRACE_SECONDS
 
 
-async def test_script_is_reloaded_after_redis_forgets_it(make_limiter, redis_url, redis_client):
+@pytestmark_redis
+async def test_script_is_reloaded_after_redis_forgets_it(make_limiter, redis_url, redis_client, member):
     """What a Redis restart does to a registered script (NOSCRIPT), without the restart."""
     limiter = make_limiter(redis_url)
-    assert (await limiter.aconsume(7050, LIMIT)).used == 1
-    assert limiter.consume(7050, LIMIT).used == 2
+    user_id = member.user.pk
+    assert (await limiter.aconsume(user_id, LIMIT)).used == 1
     redis_client.script_flush()
-    assert (await limiter.aconsume(7050, LIMIT)).used == 3
+    assert (await limiter.aconsume(user_id, LIMIT)).used == 2
     redis_client.script_flush()
-    assert limiter.consume(7050, LIMIT).used == 4
+    assert (await asyncio.to_thread(limiter.consume, user_id, LIMIT)).used == 3
 
 
-def test_one_async_client_per_event_loop(make_limiter, redis_url, redis_client):
+@pytest.mark.django_db(transaction=True)
+def test_one_async_client_per_event_loop(make_limiter, redis_url, redis_client, member):
     limiter = make_limiter(redis_url)
 
     async def use_and_close_connections() -> int:
-        decision = await limiter.aconsume(7060, LIMIT)
+        decision = await limiter.aconsume(member.user.pk, LIMIT)
         await limiter._async_redis[id(asyncio.get_running_loop())][1].connection_pool.disconnect()
         return decision.used
 
@@ -318,6 +302,145 @@ def test_one_async_client_per_event_loop(make_limiter, redis_url, redis_client):
     limiter._async_redis.clear()
 
 
+def test_a_decision_asked_again_with_its_ticket_is_the_same_decision(redis_client):
+    """A reply lost to a timeout or a dropped connection is asked for again with the same ticket:
+    Redis answers what it decided the first time instead of counting again."""
+    script = redis_client.register_script(CONSUME_SCRIPT)
+    redis_client.set(EPOCH_KEY, 0, nx=True)
+    keys = [quota_key(424242, date(2031, 3, 14)), EPOCH_KEY, "twinmcp:quota-ticket:test-ticket"]
+    redis_client.delete(keys[0], keys[2])
+    args = [1, 2, 3600, "1", 60]
+    assert script(keys=keys, args=args) == [1, 2]
+    assert script(keys=keys, args=args) == [1, 2]
+    assert int(redis_client.get(keys[0])) == 2
+    redis_client.delete(keys[2])
+    assert script(keys=keys, args=args) == [0, 2]
+    redis_client.delete(*keys[::2])
+
+
+@pytestmark_redis
+async def test_a_refund_gives_an_admitted_call_back_once(make_limiter, redis_url, redis_client, member):
+    limiter = make_limiter(redis_url)
+    user_id = member.user.pk
+    admitted = await limiter.aconsume(user_id, 2)
+    await limiter.aconsume(user_id, 2)
+    refused = await limiter.aconsume(user_id, 2)
+    await limiter.arefund(user_id, 1, backend="redis", ticket=admitted.ticket)
+    await limiter.arefund(user_id, 1, backend="redis", ticket=admitted.ticket)  # a retried refund
+    await limiter.arefund(user_id, 1, backend="redis", ticket=refused.ticket)  # refused: nothing to give
+    await limiter.arefund(user_id, 1, backend="", ticket="")  # an uncounted call: nothing either
+    assert (await limiter.apeek(user_id, 2)).used == 1
+
+
+# -- Redis faults ----------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_redis_down_refuses_capped_calls_and_lets_uncapped_ones_through(make_limiter, spare_redis, member, caplog):
+    spare_redis.start()
+    limiter = make_limiter(spare_redis.url)
+    user_id = member.user.pk
+    assert limiter.consume(user_id, LIMIT, amount=10).backend == "redis"
+    before = unavailable_total()
+
+    spare_redis.stop()
+    with caplog.at_level(logging.WARNING, logger="usage.limiter"):
+        with pytest.raises(QuotaUnavailable) as excinfo:
+            limiter.consume(user_id, LIMIT)
+        with pytest.raises(QuotaUnavailable):
+            limiter.consume(user_id, LIMIT)
+    assert excinfo.value.retry_after >= 1
+    uncapped = limiter.consume(user_id, None)
+    assert (uncapped.allowed, uncapped.backend, uncapped.ticket) == (True, "", "")
+    assert unavailable_total() == before + 2
+    assert unavailable_active() == 1
+    assert "capped plans get 503" in caplog.text
+    # Nothing was counted anywhere while Redis was away.
+    assert not QuotaCounter.objects.exists()
+    # What the usage page shows meanwhile: the committed truth.
+    assert limiter.peek(user_id, LIMIT).backend == "database"
+
+
+@pytest.mark.django_db
+def test_redis_on_a_closed_port_refuses_capped_calls(make_limiter, member):
+    limiter = make_limiter(f"redis://127.0.0.1:{free_port()}/0")
+    with pytest.raises(QuotaUnavailable):
+        limiter.consume(member.user.pk, LIMIT)
+    assert limiter.consume(member.user.pk, None).allowed
+
+
+@pytest.mark.django_db
+def test_a_failed_redis_is_skipped_for_a_while(make_limiter, spare_redis, member):
+    spare_redis.start()
+    limiter = make_limiter(spare_redis.url, redis_retry_interval=3600)
+    limiter.consume(member.user.pk, LIMIT)
+    spare_redis.stop()
+    with pytest.raises(QuotaUnavailable):
+        limiter.consume(member.user.pk, LIMIT)
+    spare_redis.start()
+    with pytest.raises(QuotaUnavailable):
+        limiter.consume(member.user.pk, LIMIT)
+    with spare_redis.client() as client:
+        assert client.get(EPOCH_KEY) is None  # Redis is back, but was not asked again before the interval
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_first_start_admits_at_once(make_limiter, spare_redis, member):
+    """No epoch ever recorded: no call can have been admitted before, nothing to wait for."""
+    spare_redis.start()
+    limiter = make_limiter(spare_redis.url)
+    assert limiter.consume(member.user.pk, 3).allowed
+    epoch = QuotaEpoch.objects.get()
+    assert epoch.refuse_capped_until == epoch.started_at
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("fault", ["restarted empty", "flushed"])
+def test_a_redis_that_forgot_refuses_capped_calls_until_admitted_calls_settle(fault, make_limiter, spare_redis,
+                                                                             member, admin, settings, caplog):
+    """Calls admitted just before Redis forgot may still be running, their events not yet
+    committed: counting again from the committed events now would admit them twice."""
+    settings.EXTERNAL_MCP_PROXY_TIMEOUT_MS = 20000
+    spare_redis.start()
+    limiter = make_limiter(spare_redis.url)
+    user_id = member.user.pk
+    assert [limiter.consume(user_id, 3).allowed for _ in range(2)] == [True, True]
+    charge(member.user, 1)  # one admitted call has finished; the other is still running
+
+    if fault == "flushed":
+        with spare_redis.client() as client:
+            client.flushall()
+    else:
+        spare_redis.restart()
+    with caplog.at_level(logging.WARNING, logger="usage.limiter"), pytest.raises(QuotaUnavailable) as excinfo:
+        limiter.consume(user_id, 3)
+    assert 0 < excinfo.value.retry_after <= 25
+    assert "Redis lost the quota counters" in caplog.text
+    assert limiter.consume(admin.user.pk, None).backend == ""  # uncapped plans go on
+    latest = QuotaEpoch.objects.first()
+    assert latest.refuse_capped_until - latest.started_at == timedelta(seconds=25)
+
+    charge(member.user, 1)  # the running call finishes and is recorded
+    spare_redis.end_settling()
+    assert limiter.consume(user_id, 3).used == 3
+    assert limiter.consume(user_id, 3).allowed is False
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_paused_redis_decides_every_call_exactly_once(make_limiter, spare_redis, member, settings):
+    """CLIENT PAUSE makes every attempt time out: each call asks again with its ticket until Redis
+    answers, and the limit holds exactly — no call counted twice, none let through."""
+    settings.EXTERNAL_MCP_QUOTA_REDIS_WAIT_MS = 60000
+    await asyncio.to_thread(spare_redis.start)
+    limiter = make_limiter(spare_redis.url)
+    user_id = member.user.pk
+    assert (await limiter.aconsume(user_id, 10, amount=5)).used == 5
+    spare_redis.pause(1500)
+    decisions = await asyncio.gather(*(limiter.aconsume(user_id, 10) for _ in range(20)))
+    assert sorted(d.used for d in decisions if d.allowed) == [6, 7, 8, 9, 10]
+    assert (await limiter.apeek(user_id, 10)).used == 10
+
+
 # -- database backend ------------------------------------------------------------------------------
 
 
@@ -326,7 +449,7 @@ def test_database_counts_and_refuses_past_the_limit(make_limiter, member):
     limiter = make_limiter("")
     user_id = member.user.pk
     assert limiter.peek(user_id, 3) == QuotaDecision(True, 3, 0, 3, next_reset(), "database")
-    assert limiter.consume(user_id, 3) == QuotaDecision(True, 3, 1, 2, next_reset(), "database")
+    assert fields(limiter.consume(user_id, 3)) == (True, 3, 1, 2, next_reset(), "database")
     assert limiter.consume(user_id, 3, amount=2).used == 3
     refused = limiter.consume(user_id, 3)
     assert (refused.allowed, refused.used, refused.remaining, refused.backend) == (False, 3, 0, "database")
@@ -426,9 +549,8 @@ def test_pro_plan_is_never_refused_but_counted(backend, limiter_for, member):
     member.user.refresh_from_db()
     limit = member.user.profile.plan.effective_daily_limit
     assert limit is None
-    assert limiter.consume(member.user.pk, limit, amount=1000) == QuotaDecision(
-        True, None, 1000, None, next_reset(), backend
-    )
+    assert fields(limiter.consume(member.user.pk, limit, amount=1000)) == (True, None, 1000, None, next_reset(),
+                                                                          backend)
     assert limiter.consume(member.user.pk, limit).used == 1001
     assert limiter.peek(member.user.pk, limit) == QuotaDecision(True, None, 1001, None, next_reset(), backend)
     # Usage stays visible against a cap, should the user go back to the free plan today.
@@ -445,138 +567,14 @@ def test_free_plan_limit_comes_from_settings(backend, limiter_for, member):
     assert [limiter.consume(member.user.pk, limit).allowed for _ in range(3)] == [True, True, False]
 
 
-# -- Redis outages ---------------------------------------------------------------------------------
+# -- the database fails ----------------------------------------------------------------------------
 
 
 @pytest.mark.django_db
-def test_falls_back_to_the_database_while_redis_is_down(make_limiter, spare_redis, member, caplog):
-    spare_redis.start()
-    limiter = make_limiter(spare_redis.url)
-    user_id = member.user.pk
-    assert limiter.consume(user_id, LIMIT, amount=10).backend == "redis"
-    before = fallback_total()
-
-    spare_redis.stop()
-    with caplog.at_level(logging.WARNING, logger="usage.limiter"):
-        during = [limiter.consume(user_id, LIMIT), limiter.consume(user_id, LIMIT, amount=2)]
-        peeked = limiter.peek(user_id, LIMIT)
-    assert [(d.allowed, d.used, d.backend) for d in during] == [(True, 1, "database"), (True, 3, "database")]
-    assert (peeked.used, peeked.backend) == (3, "database")
-    assert fallback_total() == before + 3
-    assert fallback_active() == 1
-    # One warning per minute at most, however many calls fall back.
-    assert len([r for r in caplog.records if "Redis unavailable" in r.getMessage()]) == 1
-
-    spare_redis.start()  # a fresh Redis: without persistence the 10 pre-outage uses are gone
-    back = limiter.consume(user_id, LIMIT)
-    assert (back.backend, back.used) == ("redis", 1)
-    assert fallback_active() == 0
-    assert fallback_total() == before + 3
-    # The outage's uses were added to Redis once it answered again.
-    assert limiter.peek(user_id, LIMIT).used == 1 + 3
-    assert QuotaCounter.objects.get(user=member.user).used == 3
-
-
-@pytest.mark.django_db(transaction=True)
-async def test_async_fallback_and_recovery(make_limiter, spare_redis, member):
-    spare_redis.start()
-    limiter = make_limiter(spare_redis.url)
-    user_id = member.user.pk
-    assert (await limiter.aconsume(user_id, LIMIT)).backend == "redis"
-
-    spare_redis.stop()
-    down = await limiter.aconsume(user_id, LIMIT, amount=4)
-    assert (down.allowed, down.used, down.backend) == (True, 4, "database")
-    assert (await limiter.apeek(user_id, LIMIT)).backend == "database"
-    assert fallback_active() == 1
-
-    spare_redis.start()
-    peeked = await limiter.apeek(user_id, LIMIT)  # a peek also brings the counters back to Redis
-    assert (peeked.backend, peeked.used) == ("redis", 0)
-    assert fallback_active() == 0
-    assert (await limiter.apeek(user_id, LIMIT)).used == 4
-    assert (await limiter.aconsume(user_id, LIMIT)).used == 5
-
-
-@pytest.mark.django_db
-def test_redis_on_a_closed_port_falls_back(make_limiter, member):
-    limiter = make_limiter(f"redis://127.0.0.1:{free_port()}/0")
-    decision = limiter.consume(member.user.pk, LIMIT)
-    assert (decision.allowed, decision.used, decision.backend) == (True, 1, "database")
-    assert fallback_active() == 1
-
-
-@pytest.mark.django_db
-def test_failed_redis_is_skipped_for_a_while(make_limiter, spare_redis, member):
-    limiter = make_limiter(spare_redis.url, redis_retry_interval=1.5)
-    assert limiter.consume(member.user.pk, LIMIT).backend == "database"
-    spare_redis.start()
-    # Within the interval the limiter does not even try Redis: no per-call timeout on a sick Redis.
-    assert limiter.consume(member.user.pk, LIMIT).backend == "database"
-    time.sleep(max(0.0, limiter._skip_redis_until - time.monotonic()) + 0.05)
-    assert limiter.consume(member.user.pk, LIMIT).backend == "redis"
-
-
-@pytest.mark.django_db(transaction=True)
-async def test_async_skip_and_rejected_fallback_counters(make_limiter, spare_redis, admin, member, caplog):
-    """A counter Redis refuses to increment (not an integer) is logged and dropped, not retried forever."""
-    spare_redis.start()
-    limiter = make_limiter(spare_redis.url, redis_retry_interval=60)
-    spare_redis.stop()
-    assert (await limiter.aconsume(admin.user.pk, LIMIT)).backend == "database"
-    spare_redis.start()
-    assert (await limiter.aconsume(admin.user.pk, LIMIT)).backend == "database"  # still skipping Redis
-    assert (await limiter.apeek(admin.user.pk, LIMIT)).backend == "database"
-    limiter._skip_redis_until = 0.0  # the interval is over
-
-    spare = redis.Redis(port=spare_redis.port)
-    spare.set(quota_key(admin.user.pk, datetime.now(UTC).date()), "not a number")
-    with caplog.at_level(logging.WARNING, logger="usage.limiter"):
-        assert (await limiter.aconsume(member.user.pk, LIMIT)).backend == "redis"
-    assert any("Redis rejected 1 fallback counters" in r.getMessage() for r in caplog.records)
-    assert not limiter._pending
-    spare.close()
-
-
-@pytest.mark.django_db
-def test_sync_rejected_fallback_counters_are_dropped(make_limiter, spare_redis, admin, member, caplog):
-    spare_redis.start()
-    limiter = make_limiter(spare_redis.url)
-    spare_redis.stop()
-    limiter.consume(admin.user.pk, LIMIT, amount=2)
-    limiter.consume(member.user.pk, LIMIT, amount=3)
-    spare_redis.start()
-    spare = redis.Redis(port=spare_redis.port)
-    spare.set(quota_key(admin.user.pk, datetime.now(UTC).date()), "not a number")
-    with caplog.at_level(logging.WARNING, logger="usage.limiter"):
-        assert limiter.peek(member.user.pk, LIMIT).backend == "redis"
-    assert any("Redis rejected 1 fallback counters" in r.getMessage() for r in caplog.records)
-    assert limiter.peek(member.user.pk, LIMIT).used == 3  # the other counter made it
-    spare.close()
-
-
-@pytest.mark.django_db
-def test_fallback_counters_of_earlier_days_are_not_replayed(make_limiter, spare_redis, member):
-    spare_redis.start()
-    limiter = make_limiter(spare_redis.url)
-    spare_redis.stop()
-    limiter.consume(member.user.pk, LIMIT, amount=3, now=datetime(2031, 3, 14, 23, 59, tzinfo=UTC))
-    spare_redis.start()
-    late = limiter.consume(member.user.pk, LIMIT, now=datetime(2031, 3, 15, 0, 1, tzinfo=UTC))
-    assert (late.backend, late.used) == ("redis", 1)
-    assert limiter.peek(member.user.pk, LIMIT, now=datetime(2031, 3, 14, 23, 59, tzinfo=UTC)).used == 0
-
-
-# -- neither store ---------------------------------------------------------------------------------
-
-
-@pytest.mark.django_db
-@pytest.mark.parametrize("with_redis", [True, False], ids=["redis-down", "no-redis"])
-def test_unavailable_when_the_database_fails_too(with_redis, make_limiter, member):
-    """A real failure: another session holds the counters table locked and our lock wait times out."""
-    if connection.vendor != "postgresql":
-        pytest.skip("needs PostgreSQL's lock_timeout")
-    limiter = make_limiter(f"redis://127.0.0.1:{free_port()}/0" if with_redis else "")
+def test_unavailable_when_the_database_fails(make_limiter, member):
+    """Without Redis the database is the store: a real failure (another session holds the
+    counters table locked and our lock wait times out) refuses the call, never lets it through."""
+    limiter = make_limiter("")
     params = connection.settings_dict
     with psycopg.connect(
         dbname=params["NAME"],
@@ -600,16 +598,19 @@ def test_unavailable_when_the_database_fails_too(with_redis, make_limiter, membe
 
 
 @pytest.mark.django_db(transaction=True)
-async def test_async_unavailable_when_the_database_fails(make_limiter, member, monkeypatch):
-    """The async path's worker threads use their own connections: here the failure is injected."""
-    limiter = make_limiter(f"redis://127.0.0.1:{free_port()}/0")
+async def test_a_counter_that_cannot_be_seeded_refuses_capped_calls(make_limiter, redis_url, redis_client, member,
+                                                                      monkeypatch):
+    """The committed events cannot be read (injected: the async path's worker threads use their
+    own connections): a capped call is refused rather than counted from zero."""
+    limiter = make_limiter(redis_url)
 
     def broken(self, **kwargs):
         raise OperationalError("connection refused")
 
-    monkeypatch.setattr(QuerySet, "update", broken)
+    monkeypatch.setattr(QuerySet, "count", broken)
     with pytest.raises(QuotaUnavailable):
         await limiter.aconsume(member.user.pk, LIMIT)
+    assert (await limiter.aconsume(member.user.pk, None)).allowed
     monkeypatch.undo()
     assert (await limiter.aconsume(member.user.pk, LIMIT)).used == 1
 

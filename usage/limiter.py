@@ -1,16 +1,29 @@
-"""The daily quota on proxied MCP calls: at most N counted uses per user and UTC day.
+"""The daily quota on proxied MCP calls: at most N counted uses per user and UTC day, strictly.
 
 A free-plan user gets ``settings.EXTERNAL_MCP_FREE_DAILY_LIMIT`` uses per UTC day across all
 servers and workspaces; a pro-plan user is uncapped but still counted, so usage stays visible.
-Days reset at 00:00 UTC.
 
-The proxy calls ``get_limiter().aconsume(user_id, limit)`` on its hot path, so the Redis path is one
-EVALSHA round trip: a Lua script increments the user's counter for the day, sets its expiry when it
-creates it, and takes the increment back if it would pass the limit — atomic on the server, so
-concurrent calls can never overshoot. Without Redis (the embedded SQLite demo) or while Redis is
-unreachable, counters live in ``usage.models.QuotaCounter`` and a conditional UPDATE keeps the same
-guarantee. If neither store answers, ``QuotaUnavailable`` is raised: the proxy answers 503 rather
-than letting calls through uncounted.
+One source of truth, one fast path:
+
+* The truth is durable: the usage events committed with ``counted=True`` (``usage.models.UsageEvent``).
+  Every admitted call's event is committed before its answer ends, and a refunded call's event
+  says ``counted=False``.
+* Redis is the fast path: one EVALSHA per call. The script admits or refuses against the user's
+  counter for the day and writes the decision under a ticket, so a call whose reply was lost (a
+  timeout on a script Redis still ran, a dropped connection) asks again with the same ticket and
+  gets the same decision instead of being counted twice or sent elsewhere.
+* A counter Redis does not have (first call of the day, or Redis restarted empty) is seeded from
+  the truth before anything is admitted. A Redis that lost its counters is recognised by a missing
+  epoch marker; calls admitted before it forgot them may still be running and not yet committed,
+  so capped plans are refused (503 + Retry-After) until they have all settled: the proxy timeout
+  plus ``SETTLE_SECONDS``.
+* Redis unreachable or silent past ``EXTERNAL_MCP_QUOTA_REDIS_WAIT_MS``: capped plans get 503 +
+  Retry-After (``QuotaUnavailable``); uncapped plans go on, uncounted in Redis (their events still
+  count them). Nothing is ever admitted on a count that does not know what Redis admitted.
+
+Without Redis (the embedded SQLite demo) the counters live in ``usage.models.QuotaCounter`` and a
+conditional UPDATE is the truth and the guarantee. docs/architecture.md ("The daily quota") has the
+policy, its cost and the Redis persistence production needs.
 """
 
 from __future__ import annotations
@@ -20,82 +33,130 @@ import logging
 import math
 import threading
 import time
+import uuid
+from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as dt_time
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 import redis.asyncio
-import redis.asyncio.retry
-import redis.retry
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import Error as DatabaseError
 from django.db import close_old_connections, connections, transaction
 from django.db.models import F
 from prometheus_client import Counter, Gauge
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 REDIS = "redis"
 DATABASE = "database"
+UNCOUNTED = ""  # an uncapped call let through while Redis could not count it: nothing to refund
 
 KEY_PREFIX = "twinmcp:quota"
+EPOCH_KEY = "twinmcp:quota-epoch"
+TICKET_PREFIX = "twinmcp:quota-ticket"
 # Keys outlive their day by this much, so a request that computed its key just before midnight
 # still finds the right day's counter; the UTC date in the key keeps days apart anyway.
 EXPIRY_GRACE_SECONDS = 3600
-# The hot path must not wait long on a sick Redis: it falls back to the database instead.
+# One attempt's socket timeout; a slow Redis gets more attempts until EXTERNAL_MCP_QUOTA_REDIS_WAIT_MS.
 REDIS_SOCKET_TIMEOUT = 0.5
+# After Redis failed, calls skip it (capped: 503 at once) for this long instead of each waiting.
+REDIS_RETRY_INTERVAL = 1.0
+# How long after a call's upstream timeout its usage event is surely committed.
+SETTLE_SECONDS = 5
 # At most one "Redis is down" warning per this many seconds (per limiter, i.e. per process).
 WARNING_INTERVAL_SECONDS = 60.0
 
-FALLBACK_TOTAL = Counter(
-    "external_mcp_quota_fallback",  # exposed as external_mcp_quota_fallback_total
-    "Quota checks counted in the database because Redis was unreachable.",
+UNAVAILABLE_TOTAL = Counter(
+    "external_mcp_quota_unavailable",  # exposed as external_mcp_quota_unavailable_total
+    "Capped calls refused with 503 because the quota could not be decided (Redis unreachable, or a reset settling).",
 )
-FALLBACK_ACTIVE = Gauge(
-    "external_mcp_quota_fallback_active",
-    "1 while quota counters fall back to the database (Redis unreachable), 0 otherwise.",
+UNAVAILABLE_ACTIVE = Gauge(
+    "external_mcp_quota_unavailable_active",
+    "1 while this process cannot decide capped quotas (Redis unreachable or a reset settling), 0 otherwise.",
     multiprocess_mode="livemax",
 )
 
-# KEYS[1]: the user's counter for one UTC day.
-# ARGV[1]: amount (>= 1); ARGV[2]: limit (-1 = uncapped); ARGV[3]: seconds until the key expires.
-# Returns {1, used after the call} when allowed, {0, used before the call} when refused
-# (a refused call leaves the counter as it was).
+# Results of the scripts below besides {1, used} (admitted) and {0, used} (refused).
+NO_EPOCH = -1  # Redis lost its counters (or never had them): an epoch must be started
+SETTLING = -2  # a new epoch is settling: second element = milliseconds left
+NEEDS_SEED = -3  # no counter for this user and day: seed it from the committed events
+
+# KEYS: counter, epoch marker, ticket. ARGV: amount, limit (-1 = uncapped), counter TTL (s),
+# seed ("" = none), ticket TTL (s). A decision already written under the ticket is returned as is.
+CONSUME_SCRIPT = """
+local done = redis.call('GET', KEYS[3])
+if done then
+  local sep = string.find(done, ':', 1, true)
+  return {tonumber(string.sub(done, 1, sep - 1)), tonumber(string.sub(done, sep + 1))}
+end
+local ready = redis.call('GET', KEYS[2])
+if not ready then return {-1, 0} end
+local used = redis.call('GET', KEYS[1])
+if not used then
+  local t = redis.call('TIME')
+  local left = tonumber(ready) - (tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+  if left > 0 then return {-2, left} end
+  if ARGV[4] == '' then return {-3, 0} end
+  redis.call('SET', KEYS[1], ARGV[4], 'EX', ARGV[3])
+  used = ARGV[4]
+end
+used = tonumber(used)
+local amount = tonumber(ARGV[1])
+local limit = tonumber(ARGV[2])
+local ok = 0
+if limit < 0 or used + amount <= limit then
+  used = redis.call('INCRBY', KEYS[1], amount)
+  ok = 1
+end
+if redis.call('TTL', KEYS[1]) == -1 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
+redis.call('SET', KEYS[3], ok .. ':' .. used, 'EX', ARGV[5])
+return {ok, used}
+"""
+
+# KEYS: counter, ticket. ARGV: amount. Gives back an admitted call's uses once: the ticket goes
+# with the refund, so a refund retried after a lost reply changes nothing.
 REFUND_SCRIPT = """
+local done = redis.call('GET', KEYS[2])
+if not done or string.sub(done, 1, 2) ~= '1:' then return -1 end
+redis.call('DEL', KEYS[2])
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local used = redis.call('DECRBY', KEYS[1], ARGV[1])
 if used < 0 then redis.call('INCRBY', KEYS[1], -used) end
 return used
 """
 
-CONSUME_SCRIPT = """
-local amount = tonumber(ARGV[1])
-local limit = tonumber(ARGV[2])
-local used = redis.call('INCRBY', KEYS[1], amount)
-if redis.call('TTL', KEYS[1]) == -1 then
-  redis.call('EXPIRE', KEYS[1], ARGV[3])
-end
-if limit >= 0 and used > limit then
-  redis.call('DECRBY', KEYS[1], amount)
-  return {0, used - amount}
-end
-return {1, used}
+# KEYS: epoch marker. ARGV: settle milliseconds. The first writer sets when capped plans may be
+# admitted again (on Redis's clock); returns the milliseconds still left.
+EPOCH_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('SET', KEYS[1], now + tonumber(ARGV[1]), 'NX')
+return tonumber(redis.call('GET', KEYS[1])) - now
 """
 
-# Redis errors that mean "use the database for this call". OSError covers the builtin
-# ConnectionError/TimeoutError that asyncio can raise below redis-py's own wrappers.
 _REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError)
 
 
 class QuotaUnavailable(Exception):
-    """Neither Redis nor the database could count this call: the caller must refuse it (503),
+    """The quota cannot be decided now: the caller must refuse the call (503 + Retry-After),
     never let it through uncounted."""
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, retry_after)
+
+
+class _RedisDown(Exception):
+    """Redis did not answer a step (or is skipped for a moment after failing)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +168,8 @@ class QuotaDecision:
     used: int  # after this call if allowed; current usage if refused (or peeked)
     remaining: int | None  # None when uncapped
     reset_at: datetime  # next 00:00 UTC (aware, UTC)
-    backend: str  # "redis" or "database": which store counted this call
+    backend: str  # REDIS, DATABASE, or UNCOUNTED: which store counted this call
+    ticket: str = ""  # the Redis ticket a refund names
 
     @property
     def retry_after(self) -> int:
@@ -134,10 +196,20 @@ def quota_key(user_id: int, day: date) -> str:
     return f"{KEY_PREFIX}:{int(user_id)}:{day.isoformat()}"
 
 
+def settle_seconds() -> int:
+    """How long calls admitted before a Redis reset may still be running, plus their commit."""
+    return math.ceil(settings.EXTERNAL_MCP_PROXY_TIMEOUT_MS / 1000) + SETTLE_SECONDS
+
+
 def _ttl_seconds(now: datetime) -> int:
     # A relative expiry (EXPIRE, not EXPIREAT) computed from our clock: immune to skew between
     # this host's clock and Redis's.
     return math.ceil((next_reset(now) - now).total_seconds()) + EXPIRY_GRACE_SECONDS
+
+
+def _ticket_ttl() -> int:
+    """A ticket must outlive its call, so that the call's refund still finds it."""
+    return settle_seconds() + 60
 
 
 def _check_arguments(limit: int | None, amount: int = 1) -> None:
@@ -147,79 +219,141 @@ def _check_arguments(limit: int | None, amount: int = 1) -> None:
         raise ValueError(f"limit must be None (uncapped) or at least 0, not {limit!r}")
 
 
-def _decision(*, allowed: bool, limit: int | None, used: int, now: datetime, backend: str) -> QuotaDecision:
+def _decision(*, allowed: bool, limit: int | None, used: int, now: datetime, backend: str,
+              ticket: str = "") -> QuotaDecision:
     remaining = None if limit is None else max(limit - used, 0)
-    return QuotaDecision(allowed, limit, used, remaining, next_reset(now), backend)
+    return QuotaDecision(allowed, limit, used, remaining, next_reset(now), backend, ticket)
 
 
 def _peek_decision(limit: int | None, used: int, now: datetime, backend: str) -> QuotaDecision:
     return _decision(allowed=limit is None or used < limit, limit=limit, used=used, now=now, backend=backend)
 
 
-# Whether this process currently counts in the database because Redis failed. Process-wide, like
-# the gauge it mirrors; only flips take the lock, the hot path just reads it.
-_fallback_lock = threading.Lock()
-_fallback_active = False
+# Whether this process currently cannot decide capped quotas. Process-wide, like the gauge it
+# mirrors; only flips take the lock.
+_unavailable_lock = threading.Lock()
+_unavailable = False
 
 
-def _set_fallback_active(active: bool) -> bool:
-    """Record a switch to (or back from) the database fallback; True if the state changed."""
-    global _fallback_active
-    with _fallback_lock:
-        if _fallback_active == active:
+def _set_unavailable(active: bool) -> bool:
+    global _unavailable
+    with _unavailable_lock:
+        if _unavailable == active:
             return False
-        _fallback_active = active
-        FALLBACK_ACTIVE.set(1 if active else 0)
+        _unavailable = active
+        UNAVAILABLE_ACTIVE.set(1 if active else 0)
     return True
 
 
-def _run_in_worker(fn: Any, *args: Any) -> QuotaDecision:
-    """Run a database step on a limiter worker thread. Those threads live outside Django's request
-    cycle, so they retire broken or over-age connections themselves, as a request would."""
+# -- the durable side ------------------------------------------------------------------------------
+
+
+def committed_uses(user_id: int, day: date) -> int:
+    """The uses charged to ``user_id`` on ``day`` in committed usage events: the seed of a counter."""
+    from usage.models import UsageEvent
+
+    return UsageEvent.objects.counted_for(user_id=user_id, day=day).count()
+
+
+def epoch_start(now: datetime) -> int:
+    """Record a new quota epoch; return how long capped plans must wait (ms). The very first
+    epoch waits for nothing: no call was ever admitted by Redis before it."""
+    from usage.models import QuotaEpoch
+
+    with transaction.atomic():
+        first = not QuotaEpoch.objects.exists()
+        wait = 0 if first else settle_seconds()
+        QuotaEpoch.objects.create(started_at=now, refuse_capped_until=now + timedelta(seconds=wait))
+    if not first:
+        logger.warning("Redis lost the quota counters (restarted empty or flushed): capped plans get 503 for %s s "
+                       "while calls admitted before settle", wait)
+    return wait * 1000
+
+
+@dataclass(frozen=True, slots=True)
+class _Script:
+    name: str
+    keys: list[str]
+    args: list[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _Get:
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Db:
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+
+
+_Step = _Script | _Get | _Db
+# A quota operation written once as the steps it needs; ``UsageLimiter`` runs it with the async
+# clients on the proxy's event loop, or with the sync ones in the caller's thread.
+Flow = Generator[_Step, Any, T]
+
+
+def _consume_flow(user_id: int, limit: int | None, amount: int, now: datetime) -> Flow[QuotaDecision]:
+    ticket = uuid.uuid4().hex
+    keys = [quota_key(user_id, now.date()), EPOCH_KEY, f"{TICKET_PREFIX}:{ticket}"]
+    seed = ""
+    for _ in range(4):
+        code, value = yield _Script("consume", keys, [amount, -1 if limit is None else limit, _ttl_seconds(now),
+                                                       seed, _ticket_ttl()])
+        if code == NO_EPOCH:
+            wait_ms = yield _Db(epoch_start, (now,))
+            yield _Script("epoch", [EPOCH_KEY], [wait_ms])
+        elif code == NEEDS_SEED:
+            seed = str((yield _Db(committed_uses, (user_id, now.date()))))
+        elif code == SETTLING:
+            raise QuotaUnavailable("the quota counters are settling after a Redis reset",
+                                   retry_after=math.ceil(int(value) / 1000))
+        else:
+            return _decision(allowed=bool(code), limit=limit, used=int(value), now=now, backend=REDIS, ticket=ticket)
+    raise QuotaUnavailable("the quota counter could not be initialised")
+
+
+def _peek_flow(user_id: int, limit: int | None, now: datetime) -> Flow[QuotaDecision]:
+    """Without a Redis counter (Redis down, or no call yet today) the committed events say how
+    many uses are charged."""
     try:
-        close_old_connections()
-        try:
-            return fn(*args)
-        finally:
-            close_old_connections()
-    except DatabaseError as exc:
-        raise QuotaUnavailable("the quota database is unavailable") from exc
+        raw = yield _Get(quota_key(user_id, now.date()))
+    except _RedisDown:
+        raw = None
+    if raw is None:
+        return _peek_decision(limit, (yield _Db(committed_uses, (user_id, now.date()))), now, DATABASE)
+    return _peek_decision(limit, int(raw), now, REDIS)
 
 
-def _queue_pending(pipe: Any, pending: dict[tuple[int, date], int], now: datetime) -> None:
-    """Queue, for each user counted in the database during an outage, the uses to add to Redis."""
-    ttl = _ttl_seconds(now)
-    for (user_id, day), amount in pending.items():
-        pipe.incrby(quota_key(user_id, day), amount)
-        pipe.expire(quota_key(user_id, day), ttl)
+def _refund_flow(user_id: int, amount: int, ticket: str, now: datetime) -> Flow[None]:
+    yield _Script("refund", [quota_key(user_id, now.date()), f"{TICKET_PREFIX}:{ticket}"], [amount])
 
 
 class UsageLimiter:
-    """Daily per-user quota counters in Redis, with the database as fallback (or sole store).
+    """Daily per-user quota counters: Redis as the fast path over the committed events, or the
+    database alone when no Redis is configured.
 
-    ``redis_url`` defaults to ``settings.REDIS_URL``; an empty URL (``""``, or no REDIS_URL in
-    settings) counts in the database only. After a Redis failure the limiter goes straight to the
-    database for ``redis_retry_interval`` seconds, so a blackholed Redis costs one socket timeout
-    per interval instead of one per call. The async database path runs on a private pool of
-    ``db_workers`` threads, which bounds the database connections it holds.
+    ``redis_url`` defaults to ``settings.REDIS_URL``; an empty URL counts in the database only.
+    Database work of the async path runs on a private pool of ``db_workers`` threads, which bounds
+    the connections it holds.
     """
 
-    def __init__(self, redis_url: str | None = None, *, redis_retry_interval: float = 1.0, db_workers: int = 8) -> None:
+    def __init__(self, redis_url: str | None = None, *, redis_retry_interval: float = REDIS_RETRY_INTERVAL,
+                 db_workers: int = 8) -> None:
         if redis_url is None:
             redis_url = getattr(settings, "REDIS_URL", "")
         self.redis_url: str = redis_url or ""
         self.redis_retry_interval = redis_retry_interval
         self.db_workers = db_workers
         self._lock = threading.Lock()
-        self._sync_redis: tuple[redis.Redis, Any] | None = None
+        self._sync_redis: tuple[redis.Redis, dict[str, Any]] | None = None
         # redis.asyncio clients belong to the event loop that created them: one per running loop.
-        self._async_redis: dict[int, tuple[asyncio.AbstractEventLoop, redis.asyncio.Redis, Any]] = {}
+        self._async_redis: dict[int, tuple[asyncio.AbstractEventLoop, redis.asyncio.Redis, dict[str, Any]]] = {}
         self._executor: ThreadPoolExecutor | None = None
         self._skip_redis_until = 0.0
         self._last_warning = -math.inf
         self._suppressed_warnings = 0
-        # Uses counted in the database while Redis was down, added to Redis once it answers again.
-        self._pending: dict[tuple[int, date], int] = {}
 
     def __repr__(self) -> str:
         return f"<UsageLimiter backend={REDIS if self.redis_url else DATABASE}>"
@@ -229,28 +363,16 @@ class UsageLimiter:
     async def aconsume(
         self, user_id: int, limit: int | None, amount: int = 1, *, now: datetime | None = None
     ) -> QuotaDecision:
-        """Count ``amount`` uses for today unless that would pass ``limit`` (None: never refuse)."""
+        """Count ``amount`` uses for today unless that would pass ``limit`` (None: never refuse).
+        Raises ``QuotaUnavailable`` when a capped call cannot be decided."""
         _check_arguments(limit, amount)
         now = _utc(now)
-        if self.redis_url:
-            if self._redis_usable():
-                try:
-                    client, script = self._async_client()
-                    ok, used = await script(
-                        keys=[quota_key(user_id, now.date())],
-                        args=[amount, -1 if limit is None else limit, _ttl_seconds(now)],
-                        client=client,
-                    )
-                except _REDIS_ERRORS as exc:
-                    self._redis_failed(exc)
-                else:
-                    if _fallback_active or self._pending:
-                        await self._arecovered(client, now)
-                    return _decision(allowed=bool(ok), limit=limit, used=int(used), now=now, backend=REDIS)
-            self._count_fallback()
-        decision = await self._in_db_worker(self._db_consume, user_id, limit, amount, now)
-        self._remember_fallback_use(user_id, amount, now, decision)
-        return decision
+        if not self.redis_url:
+            return await self._in_db_worker(_db_consume, user_id, limit, amount, now)
+        try:
+            return await self._arun(_consume_flow(user_id, limit, amount, now))
+        except (_RedisDown, QuotaUnavailable) as exc:
+            return self._undecided(limit, now, exc)
 
     def consume(
         self, user_id: int, limit: int | None, amount: int = 1, *, now: datetime | None = None
@@ -258,85 +380,42 @@ class UsageLimiter:
         """Synchronous ``aconsume`` (management commands, sync views, tests)."""
         _check_arguments(limit, amount)
         now = _utc(now)
-        if self.redis_url:
-            if self._redis_usable():
-                try:
-                    client, script = self._sync_client()
-                    ok, used = script(
-                        keys=[quota_key(user_id, now.date())],
-                        args=[amount, -1 if limit is None else limit, _ttl_seconds(now)],
-                        client=client,
-                    )
-                except _REDIS_ERRORS as exc:
-                    self._redis_failed(exc)
-                else:
-                    if _fallback_active or self._pending:
-                        self._recovered(client, now)
-                    return _decision(allowed=bool(ok), limit=limit, used=int(used), now=now, backend=REDIS)
-            self._count_fallback()
-        decision = self._in_caller_thread(self._db_consume, user_id, limit, amount, now)
-        self._remember_fallback_use(user_id, amount, now, decision)
-        return decision
-
-    async def arefund(self, user_id: int, amount: int, *, backend: str, now: datetime | None = None) -> None:
-        """Give back uses the upstream provably never served (it refused or was unreachable),
-        on the backend that counted them. Best effort: a failure leaves the use counted."""
-        now = _utc(now)
-        if backend == REDIS and self.redis_url:
-            try:
-                client, _ = self._async_client()
-                await client.eval(REFUND_SCRIPT, 1, quota_key(user_id, now.date()), amount)
-            except _REDIS_ERRORS as exc:
-                logger.warning("could not refund %s use(s) of user %s: %s", amount, user_id, exc)
-            return
+        if not self.redis_url:
+            return _db_call(_db_consume, user_id, limit, amount, now)
         try:
-            await sync_to_async(self._db_refund, thread_sensitive=False, executor=self._db_executor())(
-                user_id, amount, now)
-        except DatabaseError as exc:
+            return self._run(_consume_flow(user_id, limit, amount, now))
+        except (_RedisDown, QuotaUnavailable) as exc:
+            return self._undecided(limit, now, exc)
+
+    async def arefund(self, user_id: int, amount: int, *, backend: str, ticket: str = "",
+                      now: datetime | None = None) -> None:
+        """Give back the uses of an admitted call that was not served (its event says
+        ``counted=False``), on the store that counted them. Best effort: a failure leaves the use
+        counted in Redis, which can only refuse more, never admit more."""
+        now = _utc(now)
+        try:
+            if backend == REDIS and self.redis_url and ticket:
+                await self._arun(_refund_flow(user_id, amount, ticket, now))
+            elif backend == DATABASE:
+                await self._in_db_worker(_db_refund, user_id, amount, now)
+        except (_RedisDown, QuotaUnavailable) as exc:
             logger.warning("could not refund %s use(s) of user %s: %s", amount, user_id, exc)
-
-    @staticmethod
-    def _db_refund(user_id: int, amount: int, now: datetime) -> None:
-        from usage.models import QuotaCounter
-
-        QuotaCounter.objects.filter(user_id=user_id, day=now.date(), used__gte=amount).update(
-            used=F("used") - amount, updated_at=now)
 
     async def apeek(self, user_id: int, limit: int | None, *, now: datetime | None = None) -> QuotaDecision:
         """Today's usage without counting anything; ``allowed`` says whether one more use would pass."""
         _check_arguments(limit)
         now = _utc(now)
-        if self.redis_url:
-            if self._redis_usable():
-                try:
-                    client, _ = self._async_client()
-                    raw = await client.get(quota_key(user_id, now.date()))
-                except _REDIS_ERRORS as exc:
-                    self._redis_failed(exc)
-                else:
-                    if _fallback_active or self._pending:
-                        await self._arecovered(client, now)
-                    return _peek_decision(limit, int(raw or 0), now, REDIS)
-            self._count_fallback()
-        return await self._in_db_worker(self._db_peek, user_id, limit, now)
+        if not self.redis_url:
+            return await self._in_db_worker(_db_peek, user_id, limit, now)
+        return await self._arun(_peek_flow(user_id, limit, now))
 
     def peek(self, user_id: int, limit: int | None, *, now: datetime | None = None) -> QuotaDecision:
         """Synchronous ``apeek``."""
         _check_arguments(limit)
         now = _utc(now)
-        if self.redis_url:
-            if self._redis_usable():
-                try:
-                    client, _ = self._sync_client()
-                    raw = client.get(quota_key(user_id, now.date()))
-                except _REDIS_ERRORS as exc:
-                    self._redis_failed(exc)
-                else:
-                    if _fallback_active or self._pending:
-                        self._recovered(client, now)
-                    return _peek_decision(limit, int(raw or 0), now, REDIS)
-            self._count_fallback()
-        return self._in_caller_thread(self._db_peek, user_id, limit, now)
+        if not self.redis_url:
+            return _db_call(_db_peek, user_id, limit, now)
+        return self._run(_peek_flow(user_id, limit, now))
 
     async def aclose(self) -> None:
         """Close the Redis client of the running event loop (its connections belong to that loop)."""
@@ -368,39 +447,100 @@ class UsageLimiter:
                 executor.submit(close_thread_connections)
             executor.shutdown(wait=True)
 
-    # -- Redis clients ----------------------------------------------------------------------------
+    # -- running flows ----------------------------------------------------------------------------
 
-    def _sync_client(self) -> tuple[redis.Redis, Any]:
+    def _undecided(self, limit: int | None, now: datetime, exc: Exception) -> QuotaDecision:
+        """No decision could be made: an uncapped call goes on (its event still counts it), a
+        capped one is refused."""
+        if limit is None:
+            return _decision(allowed=True, limit=None, used=0, now=now, backend=UNCOUNTED)
+        UNAVAILABLE_TOTAL.inc()
+        if isinstance(exc, QuotaUnavailable):
+            raise exc
+        raise QuotaUnavailable("the quota store (Redis) is unavailable",
+                               retry_after=math.ceil(self.redis_retry_interval)) from exc
+
+    async def _arun(self, flow: Flow[T]) -> T:
+        client, scripts = self._async_client()
+        reply: Any = None
+        failure: _RedisDown | None = None
+        while True:
+            try:
+                step = flow.throw(failure) if failure is not None else flow.send(reply)
+            except StopIteration as stop:
+                return stop.value
+            reply, failure = None, None
+            if isinstance(step, _Db):
+                reply = await self._in_db_worker(step.fn, *step.args)
+                continue
+            if not self._redis_usable():
+                failure = _RedisDown()
+                continue
+            retry = _Retry()
+            while True:
+                try:
+                    reply = await (client.get(step.key) if isinstance(step, _Get)
+                                   else scripts[step.name](keys=step.keys, args=step.args, client=client))
+                except _REDIS_ERRORS as exc:
+                    pause = retry.after(exc)
+                    if pause is None:
+                        failure = self._redis_failed(exc)
+                        break
+                    await asyncio.sleep(pause)
+                else:
+                    self._redis_answered()
+                    break
+
+    def _run(self, flow: Flow[T]) -> T:
+        """Synchronous ``_arun``: database steps run in the caller's thread (and transaction)."""
+        client, scripts = self._sync_client()
+        reply: Any = None
+        failure: _RedisDown | None = None
+        while True:
+            try:
+                step = flow.throw(failure) if failure is not None else flow.send(reply)
+            except StopIteration as stop:
+                return stop.value
+            reply, failure = None, None
+            if isinstance(step, _Db):
+                reply = _db_call(step.fn, *step.args)
+                continue
+            if not self._redis_usable():
+                failure = _RedisDown()
+                continue
+            retry = _Retry()
+            while True:
+                try:
+                    reply = (client.get(step.key) if isinstance(step, _Get)
+                             else scripts[step.name](keys=step.keys, args=step.args, client=client))
+                except _REDIS_ERRORS as exc:
+                    pause = retry.after(exc)
+                    if pause is None:
+                        failure = self._redis_failed(exc)
+                        break
+                    time.sleep(pause)
+                else:
+                    self._redis_answered()
+                    break
+
+    def _sync_client(self) -> tuple[redis.Redis, dict[str, Any]]:
         pair = self._sync_redis
         if pair is None:
             with self._lock:
                 if self._sync_redis is None:
-                    client = redis.Redis.from_url(
-                        self.redis_url,
-                        socket_timeout=REDIS_SOCKET_TIMEOUT,
-                        socket_connect_timeout=REDIS_SOCKET_TIMEOUT,
-                        # One immediate retry, on connection errors only, so a pooled socket that went
-                        # stale (Redis restarted) does not send a call to the database; never on
-                        # timeouts, where the script may already have counted.
-                        retry=redis.retry.Retry(NoBackoff(), 1, (RedisConnectionError,)),
-                    )
-                    # register_script hashes locally and calls EVALSHA; on NOSCRIPT (a restarted or
-                    # flushed Redis) it loads the script and retries.
-                    self._sync_redis = (client, client.register_script(CONSUME_SCRIPT))
+                    client = redis.Redis.from_url(self.redis_url, socket_timeout=REDIS_SOCKET_TIMEOUT,
+                                                  socket_connect_timeout=REDIS_SOCKET_TIMEOUT, retry=None)
+                    self._sync_redis = (client, _register(client))
                 pair = self._sync_redis
         return pair
 
-    def _async_client(self) -> tuple[redis.asyncio.Redis, Any]:
+    def _async_client(self) -> tuple[redis.asyncio.Redis, dict[str, Any]]:
         loop = asyncio.get_running_loop()
         entry = self._async_redis.get(id(loop))
         if entry is None or entry[0] is not loop:
-            client = redis.asyncio.Redis.from_url(
-                self.redis_url,
-                socket_timeout=REDIS_SOCKET_TIMEOUT,
-                socket_connect_timeout=REDIS_SOCKET_TIMEOUT,
-                retry=redis.asyncio.retry.Retry(NoBackoff(), 1, (RedisConnectionError,)),
-            )
-            entry = (loop, client, client.register_script(CONSUME_SCRIPT))
+            client = redis.asyncio.Redis.from_url(self.redis_url, socket_timeout=REDIS_SOCKET_TIMEOUT,
+                                                  socket_connect_timeout=REDIS_SOCKET_TIMEOUT, retry=None)
+            entry = (loop, client, _register(client))
             with self._lock:
                 # Forget the clients of closed loops (their connections died with the loop).
                 for key in [key for key, (other, _, _) in self._async_redis.items() if other.is_closed()]:
@@ -408,97 +548,34 @@ class UsageLimiter:
                 self._async_redis[id(loop)] = entry
         return entry[1], entry[2]
 
-    # -- fallback bookkeeping ---------------------------------------------------------------------
+    # -- Redis health -----------------------------------------------------------------------------
 
     def _redis_usable(self) -> bool:
         return not self._skip_redis_until or time.monotonic() >= self._skip_redis_until
 
-    def _redis_failed(self, exc: BaseException) -> None:
+    def _redis_failed(self, exc: BaseException) -> _RedisDown:
         now = time.monotonic()
         if self.redis_retry_interval > 0:
             self._skip_redis_until = now + self.redis_retry_interval
+        _set_unavailable(True)
         with self._lock:
             if now - self._last_warning < WARNING_INTERVAL_SECONDS:
                 self._suppressed_warnings += 1
-                return
+                return _RedisDown()
             suppressed, self._suppressed_warnings, self._last_warning = self._suppressed_warnings, 0, now
         logger.warning(
-            "Redis unavailable for quota counters (%s: %s); counting in the database%s",
-            type(exc).__name__,
-            exc,
-            f" ({suppressed} similar failures not logged)" if suppressed else "",
+            "Redis unavailable for quota counters (%s: %s); capped plans get 503 until it answers%s",
+            type(exc).__name__, exc, f" ({suppressed} similar failures not logged)" if suppressed else "",
         )
+        return _RedisDown()
 
-    def _count_fallback(self) -> None:
-        FALLBACK_TOTAL.inc()
-        _set_fallback_active(True)
+    def _redis_answered(self) -> None:
+        if _unavailable:
+            self._skip_redis_until = 0.0
+            if _set_unavailable(False):
+                logger.info("Redis answers again: quota counters are back")
 
-    def _remember_fallback_use(self, user_id: int, amount: int, now: datetime, decision: QuotaDecision) -> None:
-        if self.redis_url and decision.allowed:
-            key = (int(user_id), now.date())
-            with self._lock:
-                self._pending[key] = self._pending.get(key, 0) + amount
-
-    def _take_pending(self, now: datetime) -> dict[tuple[int, date], int]:
-        with self._lock:
-            pending, self._pending = self._pending, {}
-        today = now.date()  # uses counted on earlier days no longer matter
-        return {key: amount for key, amount in pending.items() if key[1] == today}
-
-    def _restore_pending(self, pending: dict[tuple[int, date], int], exc: BaseException) -> None:
-        with self._lock:
-            for key, amount in pending.items():
-                self._pending[key] = self._pending.get(key, 0) + amount
-        logger.warning("Could not add %d fallback counters to Redis yet (%s)", len(pending), exc)
-
-    def _note_recovery(self) -> None:
-        self._skip_redis_until = 0.0
-        if _set_fallback_active(False):
-            logger.info("Redis answers again: quota counters are back on Redis")
-
-    async def _arecovered(self, client: redis.asyncio.Redis, now: datetime) -> None:
-        self._note_recovery()
-        pending = self._take_pending(now)
-        if pending:
-            try:
-                async with client.pipeline(transaction=False) as pipe:
-                    _queue_pending(pipe, pending, now)
-                    results = await pipe.execute(raise_on_error=False)
-            except _REDIS_ERRORS as exc:
-                self._restore_pending(pending, exc)
-            else:
-                self._report_rejected(pending, results)
-
-    def _recovered(self, client: redis.Redis, now: datetime) -> None:
-        self._note_recovery()
-        pending = self._take_pending(now)
-        if pending:
-            try:
-                with client.pipeline(transaction=False) as pipe:
-                    _queue_pending(pipe, pending, now)
-                    results = pipe.execute(raise_on_error=False)
-            except _REDIS_ERRORS as exc:
-                self._restore_pending(pending, exc)
-            else:
-                self._report_rejected(pending, results)
-
-    @staticmethod
-    def _report_rejected(pending: dict[tuple[int, date], int], results: list[Any]) -> None:
-        # Two replies per counter (INCRBY, EXPIRE). A command Redis rejected (say, a key that does not
-        # hold an integer) would be rejected again: log it and drop it rather than retry on every call.
-        replies = zip(pending, results[::2], strict=True)
-        rejected = [(key, reply) for key, reply in replies if isinstance(reply, Exception)]
-        if rejected:
-            (user_id, day), reply = rejected[0]
-            logger.warning(
-                "Redis rejected %d fallback counters (first: user %s on %s: %s); those uses stay in the database only",
-                len(rejected),
-                user_id,
-                day,
-                reply,
-            )
-
-    # -- database backend -------------------------------------------------------------------------
+    # -- database ---------------------------------------------------------------------------------
 
     def _db_executor(self) -> ThreadPoolExecutor:
         executor = self._executor
@@ -509,44 +586,88 @@ class UsageLimiter:
                 executor = self._executor
         return executor
 
-    async def _in_db_worker(self, fn: Any, *args: Any) -> QuotaDecision:
+    async def _in_db_worker(self, fn: Callable[..., T], *args: Any) -> T:
         return await sync_to_async(_run_in_worker, thread_sensitive=False, executor=self._db_executor())(fn, *args)
 
-    @staticmethod
-    def _in_caller_thread(fn: Any, *args: Any) -> QuotaDecision:
-        try:
-            return fn(*args)
-        except DatabaseError as exc:
-            raise QuotaUnavailable("the quota database is unavailable") from exc
 
-    @staticmethod
-    def _db_consume(user_id: int, limit: int | None, amount: int, now: datetime) -> QuotaDecision:
-        from usage.models import QuotaCounter
+class _Retry:
+    """When to ask Redis again. Every command here is idempotent (the scripts by their ticket), so
+    a timeout — which may hide a reply Redis did send — is asked again with backoff until
+    ``EXTERNAL_MCP_QUOTA_REDIS_WAIT_MS``; a broken connection once at once (a pooled socket that
+    went stale when Redis restarted), then Redis counts as down."""
 
-        day = now.date()
-        counter = QuotaCounter.objects.filter(user_id=user_id, day=day)
-        # used + amount <= limit, in the WHERE clause: the database re-checks it on the locked row,
-        # so concurrent calls cannot overshoot (PostgreSQL row lock; SQLite's write lock).
-        target = counter if limit is None else counter.filter(used__lte=limit - amount)
-        changes = {"used": F("used") + amount, "updated_at": now}
-        with transaction.atomic():
+    def __init__(self) -> None:
+        self.deadline = time.monotonic() + settings.EXTERNAL_MCP_QUOTA_REDIS_WAIT_MS / 1000
+        self.delay = 0.01
+        self.broken = 0
+
+    def after(self, exc: BaseException) -> float | None:
+        """The pause before the next attempt, or None to give up."""
+        if isinstance(exc, RedisTimeoutError | TimeoutError):
+            pause, self.delay = self.delay, min(self.delay * 2, 0.2)
+            return pause if time.monotonic() + pause < self.deadline else None
+        self.broken += 1
+        return 0.0 if self.broken == 1 else None
+
+
+def _register(client: Any) -> dict[str, Any]:
+    # register_script hashes locally and calls EVALSHA; on NOSCRIPT (a restarted or flushed
+    # Redis) it loads the script and retries.
+    return {"consume": client.register_script(CONSUME_SCRIPT), "refund": client.register_script(REFUND_SCRIPT),
+            "epoch": client.register_script(EPOCH_SCRIPT)}
+
+
+def _db_call(fn: Callable[..., T], *args: Any) -> T:
+    try:
+        return fn(*args)
+    except DatabaseError as exc:
+        raise QuotaUnavailable("the quota database is unavailable") from exc
+
+
+def _run_in_worker(fn: Callable[..., T], *args: Any) -> T:
+    """A database step on a limiter worker thread. Those threads live outside Django's request
+    cycle, so they retire broken or over-age connections themselves, as a request would."""
+    try:
+        close_old_connections()
+        return _db_call(fn, *args)
+    finally:
+        close_old_connections()
+
+
+def _db_consume(user_id: int, limit: int | None, amount: int, now: datetime) -> QuotaDecision:
+    from usage.models import QuotaCounter
+
+    day = now.date()
+    counter = QuotaCounter.objects.filter(user_id=user_id, day=day)
+    # used + amount <= limit, in the WHERE clause: the database re-checks it on the locked row,
+    # so concurrent calls cannot overshoot (PostgreSQL row lock; SQLite's write lock).
+    target = counter if limit is None else counter.filter(used__lte=limit - amount)
+    changes = {"used": F("used") + amount, "updated_at": now}
+    with transaction.atomic():
+        allowed = target.update(**changes) == 1
+        if not allowed:
+            # First use of the day (or over the limit): make sure the row exists, then retry.
+            QuotaCounter.objects.bulk_create(
+                [QuotaCounter(user_id=user_id, day=day, used=0, updated_at=now)], ignore_conflicts=True
+            )
             allowed = target.update(**changes) == 1
-            if not allowed:
-                # First use of the day (or over the limit): make sure the row exists, then retry.
-                QuotaCounter.objects.bulk_create(
-                    [QuotaCounter(user_id=user_id, day=day, used=0, updated_at=now)], ignore_conflicts=True
-                )
-                allowed = target.update(**changes) == 1
-            # Same transaction: our own update is visible and the row stays locked until commit.
-            used = counter.values_list("used", flat=True).get()
-        return _decision(allowed=allowed, limit=limit, used=used, now=now, backend=DATABASE)
+        # Same transaction: our own update is visible and the row stays locked until commit.
+        used = counter.values_list("used", flat=True).get()
+    return _decision(allowed=allowed, limit=limit, used=used, now=now, backend=DATABASE)
 
-    @staticmethod
-    def _db_peek(user_id: int, limit: int | None, now: datetime) -> QuotaDecision:
-        from usage.models import QuotaCounter
 
-        used = QuotaCounter.objects.filter(user_id=user_id, day=now.date()).values_list("used", flat=True).first()
-        return _peek_decision(limit, used or 0, now, DATABASE)
+def _db_refund(user_id: int, amount: int, now: datetime) -> None:
+    from usage.models import QuotaCounter
+
+    QuotaCounter.objects.filter(user_id=user_id, day=now.date(), used__gte=amount).update(
+        used=F("used") - amount, updated_at=now)
+
+
+def _db_peek(user_id: int, limit: int | None, now: datetime) -> QuotaDecision:
+    from usage.models import QuotaCounter
+
+    used = QuotaCounter.objects.filter(user_id=user_id, day=now.date()).values_list("used", flat=True).first()
+    return _peek_decision(limit, used or 0, now, DATABASE)
 
 
 _limiter: UsageLimiter | None = None

@@ -1,9 +1,9 @@
-"""Per-user daily quota counters: the database backend of ``usage.limiter.UsageLimiter``.
-
-Redis is the primary store; these rows count a user's calls when no Redis is configured
-(the embedded SQLite demo) or while Redis is unreachable (fallback)."""
+"""Usage events, their daily aggregates and billing records, and the quota's own bookkeeping."""
 
 from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as dt_time
 
 from django.conf import settings
 from django.db import models
@@ -11,7 +11,8 @@ from django.utils import timezone
 
 
 class QuotaCounter(models.Model):
-    """Calls one user made on one UTC day (only those counted by the database backend)."""
+    """Calls one user made on one UTC day, when no Redis is configured (the embedded SQLite
+    demo): then this row is the quota's only store, kept strict by a conditional UPDATE."""
 
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="quota_counters")
     day = models.DateField(help_text="UTC day the calls were counted on.")
@@ -29,6 +30,24 @@ class QuotaCounter(models.Model):
         return f"user {self.user_id} on {self.day}: {self.used}"
 
 
+class QuotaEpoch(models.Model):
+    """One life of the Redis quota counters. A Redis that comes back without them (restarted
+    without persistence, flushed) starts a new epoch; a row here is how the limiter tells that
+    from the very first start, when no call can be in flight. Rows are never purged: they are
+    the history of quota resets operators read in the runbook."""
+
+    started_at = models.DateTimeField(default=timezone.now)
+    refuse_capped_until = models.DateTimeField(
+        help_text="Capped plans get 503 until this instant: calls admitted before the reset settle first.")
+
+    class Meta:
+        db_table = "external_mcp_quota_epochs"
+        ordering = ["-started_at"]
+
+    def __str__(self) -> str:
+        return f"quota epoch from {self.started_at:%Y-%m-%d %H:%M:%S}"
+
+
 class Outcome(models.TextChoices):
     OK = "ok", "OK"
     ERROR = "error", "Error"
@@ -37,6 +56,14 @@ class Outcome(models.TextChoices):
     TIMEOUT = "timeout", "Upstream timeout"
     UPSTREAM_ERROR = "upstream_error", "Upstream error"
     CLIENT_DISCONNECT = "client_disconnect", "Client disconnected"
+
+
+class UsageEventQuerySet(models.QuerySet["UsageEvent"]):
+    def counted_for(self, *, user_id: int, day: date) -> UsageEventQuerySet:
+        """The uses charged to a user on a UTC day: the quota's durable truth."""
+        start = datetime.combine(day, dt_time.min, tzinfo=UTC)
+        return self.filter(user_id=user_id, counted=True, created_at__gte=start,
+                           created_at__lt=start + timedelta(days=1))
 
 
 class UsageEvent(models.Model):
@@ -67,6 +94,8 @@ class UsageEvent(models.Model):
     jsonrpc_error_code = models.IntegerField(null=True, blank=True)
     outcome = models.CharField(max_length=20, choices=Outcome.choices)
     counted = models.BooleanField(default=False)
+
+    objects = UsageEventQuerySet.as_manager()
 
     class Meta:
         db_table = "external_mcp_usage_logs"
