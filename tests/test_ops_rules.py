@@ -29,8 +29,8 @@ EXPORTED_METRICS = {
     "external_mcp_requests_total",
     "external_mcp_quota_rejections_total",
     "external_mcp_health_checks_total",
-    "external_mcp_quota_fallback_total",
-    "external_mcp_quota_fallback_active",
+    "external_mcp_quota_unavailable_total",
+    "external_mcp_quota_unavailable_active",
 }
 RUNBOOK_ANCHORS = {"external-server-down", "redis-down", "proxy-slow-or-failing", "quota-complaints"}
 # alert -> (severity, `for`, runbook anchor)
@@ -40,7 +40,7 @@ EXPECTED_ALERTS = {
     "ExternalMCPServerDown": ("warning", "5m", "external-server-down"),
     "ExternalMCPProxyErrorRatioHigh": ("critical", "10m", "proxy-slow-or-failing"),
     "ExternalMCPProxyLatencyHigh": ("warning", "10m", "proxy-slow-or-failing"),
-    "ExternalMCPQuotaFallbackActive": ("warning", "1m", "redis-down"),
+    "ExternalMCPQuotaUnavailable": ("warning", "1m", "redis-down"),
 }
 RUNBOOK_LINK = re.compile(r"docs/runbook\.md#([\w-]+)")
 
