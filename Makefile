@@ -31,6 +31,7 @@ test: venv
 # Proxy benchmark: direct vs through the gateway at C = 1, 16, 64 (figures in docs/benchmarks.md).
 bench: venv
 	bash .ci/with-services.sh $(BIN)/python -m tests.bench.proxy_bench $(BENCH_ARGS)
+	bash .ci/with-services.sh $(BIN)/python -m tests.bench.quota_bench
 	bash .ci/with-services.sh $(BIN)/python -m tests.bench.health_bench
 	bash .ci/with-services.sh $(BIN)/python -m usage.bench
 
