@@ -40,6 +40,8 @@ from usage.serializers import (
     UsageQuerySerializer,
 )
 
+MAX_USER_ID = 2**31 - 1  # auth.User's id column is a PostgreSQL integer
+
 
 class IgnoreFormatParameter(DefaultContentNegotiation):
     """``format`` is our own parameter here (json, csv, jsonl), not DRF's renderer override; and
@@ -95,7 +97,7 @@ def resolve_user(scope: Scope, value: str) -> int:
     member gets a 403; a user the caller shares no workspace with is unknown (400)."""
     users = get_user_model().objects
     candidate = None
-    if value.isdigit() and len(value) <= 18:
+    if value.isascii() and value.isdigit() and int(value) <= MAX_USER_ID:
         candidate = users.filter(pk=int(value)).values_list("pk", flat=True).first()
     if candidate is None:
         candidate = users.filter(**{get_user_model().USERNAME_FIELD: value}).values_list("pk", flat=True).first()
