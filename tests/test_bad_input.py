@@ -343,3 +343,13 @@ def test_the_live_server_answers_hostile_bytes_with_4xx_and_json_under_api(admin
         gateway.stop()
         with django_db_blocker.unblock():
             close_gateway_connections()
+
+
+def test_nul_invalid_utf8_and_huge_numbers_in_web_page_parameters_never_500(admin_web, server):
+    hostile = "%00a%ff%c3%28" + HUGE
+    for path in ("/servers/", "/usage/", "/notifications/", "/servers/new/", f"/servers/{server.pk}/edit/",
+                 f"/servers/{server.pk}/", "/api-keys/"):
+        for name in ("search", "tag", "status", "user", "server", "tool", "start", "end", "group_by", "page",
+                     "unread", "auth_type", "next"):
+            response = admin_web.get(f"{path}?{name}={hostile}")
+            assert response.status_code < 500, (path, name, response.status_code)
