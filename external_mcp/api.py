@@ -9,7 +9,6 @@ from django.http import Http404
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status
 from rest_framework.exceptions import PermissionDenied
-from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -33,6 +32,7 @@ from external_mcp.serializers import (
 )
 from twinmcp.flags import ExternalMcpEnabled
 from twinmcp.models import Membership, Role
+from twinmcp.pagination import PAGINATION_PARAMETERS, BoundedLimitOffsetPagination
 from twinmcp.scoping import key_workspace_ids, resolve_workspace
 
 
@@ -64,8 +64,7 @@ class ServerListCreate(ExternalMcpView):
             OpenApiParameter("status", str, enum=ServerStatus.values),
             OpenApiParameter("tag", str),
             OpenApiParameter("search", str),
-            OpenApiParameter("limit", int),
-            OpenApiParameter("offset", int),
+            *PAGINATION_PARAMETERS,
         ],
         responses=ServerSerializer(many=True),
     )
@@ -79,7 +78,7 @@ class ServerListCreate(ExternalMcpView):
             servers = servers.with_tag(tag)
         if text := filters.validated_data.get("search"):
             servers = servers.search(text)
-        paginator = LimitOffsetPagination()
+        paginator = BoundedLimitOffsetPagination()
         page = paginator.paginate_queryset(servers.order_by("name"), request, view=self)
         return paginator.get_paginated_response(ServerSerializer(page, many=True).data)
 

@@ -153,3 +153,21 @@ def tools_disable(*, server: ExternalMcpServer, actor: AbstractBaseUser | None, 
     AuditEvent.objects.create(workspace_id=server.workspace_id, server=server, server_name=server.name,
                               actor=actor, action=AuditAction.TOOLS_DISABLE, changes={"tools": disabled})
     return disabled
+
+
+@transaction.atomic
+def tools_reset_approvals(*, server: ExternalMcpServer) -> list[str]:
+    """Forget every approval of a server whose origin changed: what an admin approved on one host says
+    nothing about another. Tools return to pending (removed ones stay removed, without approval), so
+    nothing is callable until an admin approves it again. Returns the names sent back to pending; the
+    caller audits the change that caused it."""
+    tools = list(ExternalMcpTool.objects.select_for_update().filter(server=server))
+    for tool in tools:
+        if tool.state != ToolState.REMOVED:
+            tool.state = ToolState.PENDING
+        tool.approved_definition, tool.approved_hash, tool.approved_at, tool.approved_by = None, "", None, None
+        tool.changed_at = None
+    ExternalMcpTool.objects.bulk_update(tools, ["state", "approved_definition", "approved_hash", "approved_at",
+                                                "approved_by", "changed_at"])
+    invalidation.announce_change()
+    return sorted(t.name for t in tools if t.state != ToolState.REMOVED)

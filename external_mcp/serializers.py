@@ -14,6 +14,7 @@ from external_mcp.models import (
     HealthCheck,
     StatusChange,
 )
+from twinmcp.parsers import BoundedJSONField
 
 
 class CredentialMetadataSerializer(serializers.ModelSerializer):
@@ -65,7 +66,7 @@ class ServerWriteSerializer(serializers.Serializer):
     transport = serializers.ChoiceField(choices=Transport.choices, default=Transport.STREAMABLE_HTTP)
     auth_type = serializers.ChoiceField(choices=SUPPORTED_AUTH_TYPE_CHOICES,
                                         default=AuthType.NONE)
-    credentials = serializers.JSONField(required=False, allow_null=True, write_only=True, help_text=CREDENTIALS_HELP)
+    credentials = BoundedJSONField(required=False, allow_null=True, write_only=True, help_text=CREDENTIALS_HELP)
     credentials_expires_at = serializers.DateTimeField(required=False, allow_null=True)
     description = serializers.CharField(required=False, allow_blank=True, max_length=2000, default="")
     tags = serializers.ListField(child=serializers.CharField(max_length=40), required=False, max_length=20,
@@ -89,7 +90,7 @@ class ServerUpdateSerializer(ServerWriteSerializer):
 class CredentialsRotateSerializer(serializers.Serializer):
     auth_type = serializers.ChoiceField(choices=SUPPORTED_AUTH_TYPE_CHOICES,
                                         required=False)
-    credentials = serializers.JSONField(write_only=True, help_text=CREDENTIALS_HELP)
+    credentials = BoundedJSONField(write_only=True, help_text=CREDENTIALS_HELP)
     expires_at = serializers.DateTimeField(required=False, allow_null=True)
 
 

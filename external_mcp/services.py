@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
@@ -12,7 +13,7 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from external_mcp import crypto
+from external_mcp import catalog, crypto
 from external_mcp.choices import SUPPORTED_AUTH_TYPES, AuditAction, AuthType, ServerStatus, Transport
 from external_mcp.credentials import CleanCredentials, validate_credentials
 from external_mcp.models import AuditEvent, ExternalMcpCredential, ExternalMcpServer
@@ -27,6 +28,11 @@ logger = logging.getLogger(__name__)
 MAX_TAGS = 20
 MAX_TAG_CHARS = 40
 EDITABLE_FIELDS = ("name", "base_url", "description", "tags", "enabled", "transport", "check_interval_seconds")
+
+MOVE_NEEDS_CREDENTIALS = (
+    "The new URL is on another origin (scheme, host or port): enter the secret again for the new host. "
+    "The stored one is never sent there, and the server's tools go back to pending for approval."
+)
 
 
 class CredentialUnavailable(Exception):
@@ -193,16 +199,45 @@ def server_create(
     return server
 
 
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) of a URL as ``validate_url`` stores it: lower case, IDNA, the default
+    port left out; anything unreadable compares as its whole network location."""
+    parts = urlsplit(url)
+    try:
+        return parts.scheme, parts.hostname or parts.netloc, parts.port
+    except ValueError:
+        return parts.scheme, parts.netloc, None
+
+
+def _moves(old_url: str, new_url: str) -> bool:
+    """The one rule: a server moves when its URL's scheme, host or port changes (a path does not)."""
+    return _origin(old_url) != _origin(new_url)
+
+
+def server_moves(*, server: ExternalMcpServer, base_url: str) -> bool:
+    """Whether saving ``base_url`` would move the server to another origin, so its credentials must
+    be given again (forms ask for them up front). A URL the policy refuses is no move: the update
+    reports its own error."""
+    try:
+        return _moves(server.base_url, _clean_url(base_url))
+    except ValidationError:
+        return False
+
+
 @transaction.atomic
 def server_update(
     *, server: ExternalMcpServer, actor: AbstractBaseUser | None, **fields: Any
 ) -> ExternalMcpServer:
-    """Update non-secret fields; changing ``auth_type`` needs the new type's ``credentials``."""
+    """Update non-secret fields. Changing ``auth_type`` needs the new type's ``credentials``; so does
+    moving the server to another origin while it has credentials (they were given for the old host,
+    and the proxy would send them to the new one). A move also returns every tool to pending."""
     server = ExternalMcpServer.objects.select_for_update().get(pk=server.pk)
     auth_type = fields.pop("auth_type", None)
     credentials = fields.pop("credentials", None)
     expires_at = fields.pop("credentials_expires_at", None)
+    old_url = server.base_url
     changes = _apply_fields(server, fields)
+    moved = "base_url" in changes and _moves(old_url, server.base_url)
     if "enabled" in changes or "base_url" in changes:
         server.next_check_at = timezone.now()
     if auth_type is not None and auth_type != server.auth_type:
@@ -210,6 +245,15 @@ def server_update(
         server.auth_type = auth_type
         changes["auth_type"] = auth_type
         _store_credentials(server=server, clean=clean, expires_at=expires_at, rotated=True)
+        if clean is not None:
+            changes["fingerprint"] = crypto.fingerprint(clean.payload)
+    elif moved and server.auth_type != AuthType.NONE:
+        if credentials is None:
+            raise ValidationError({"credentials": [MOVE_NEEDS_CREDENTIALS]})
+        clean = _clean_auth(server.auth_type, credentials)
+        _store_credentials(server=server, clean=clean, expires_at=expires_at, rotated=True)
+        if clean is not None:
+            changes["fingerprint"] = crypto.fingerprint(clean.payload)
     elif credentials is not None:
         raise ValidationError({"credentials": ["Replace secrets with PUT …/credentials/."]})
     try:
@@ -217,6 +261,8 @@ def server_update(
             server.save()
     except IntegrityError:
         raise _name_taken() from None
+    if moved:
+        changes["tools_reset"] = catalog.tools_reset_approvals(server=server)
     if "enabled" in changes:
         reason = f"{'Enabled' if server.enabled else 'Disabled'} by {getattr(actor, 'username', 'the system')}."
         transition(server=server, new=ServerStatus.NEW if server.enabled else ServerStatus.DISABLED, reason=reason)

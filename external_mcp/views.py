@@ -334,13 +334,17 @@ def server_edit(request: HttpRequest, server_id: Any) -> HttpResponse:
         fields = form.service_fields()
         if fields["base_url"] == server.base_url:
             del fields["base_url"]  # unchanged: no new policy check (and DNS lookup) needed
-        payload = cred_form.payload(new=auth_type != server.auth_type)
+        new_auth = auth_type != server.auth_type
+        moving = "base_url" in fields and services.server_moves(server=server, base_url=fields["base_url"])
+        payload = cred_form.payload(new=new_auth)
         expires_at = cred_form.expires_at_value()
         try:
             with transaction.atomic():
-                if auth_type != server.auth_type:
+                if new_auth or moving:
+                    # A move with nothing typed gets the service's "enter the secret again" message.
+                    credentials = cred_form.payload(new=True) if new_auth or payload is not None else None
                     services.server_update(server=server, actor=request.user, auth_type=auth_type,
-                                           credentials=payload, credentials_expires_at=expires_at, **fields)
+                                           credentials=credentials, credentials_expires_at=expires_at, **fields)
                 else:
                     services.server_update(server=server, actor=request.user, **fields)
                     if payload is not None:

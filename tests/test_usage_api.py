@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import csv
 import io
+import uuid
 from datetime import UTC, date, datetime
+from types import SimpleNamespace
 
 import pytest
 import redis
@@ -313,3 +315,44 @@ def test_quota_status_on_the_database_counters_and_for_pro_users(member, setting
 
 def test_quota_status_needs_authentication(db):
     assert APIClient().get("/api/v1/usage/quota").status_code == 401
+
+
+# -- tenants ------------------------------------------------------------------------------------------------
+
+
+def test_usage_never_shows_the_name_of_another_workspaces_server(usage, admin, servers, admin_web):
+    """Rows recorded in acme with globex's server id (what the proxy once wrote for calls to foreign
+    ids) show that id as unknown, exactly like an id that never existed: no name, no oracle."""
+    foreign, missing = servers["s3"], SimpleNamespace(pk=uuid.uuid4())
+    store(ev(at(TODAY, 11, 57), admin, foreign, tool="probe"), ev(at(TODAY, 11, 57), admin, missing, tool="probe"))
+
+    def shown() -> dict[str, str | None]:
+        rows = get(admin, group_by="server", start=str(TODAY)).json()["results"]
+        return {row["server_id"]: row["server_name"] for row in rows}
+
+    def exported(**params) -> str:
+        response = admin.client().get(URL + "/export", {"start": str(TODAY), **params})
+        assert response.status_code == 200
+        return b"".join(response.streaming_content).decode()
+
+    def check() -> None:
+        names = shown()
+        assert names[str(foreign.pk)] is None and names[str(missing.pk)] is None
+        assert names[str(servers["s1"].pk)] == "s1"
+        buckets = get(admin, group_by="day,user,server,tool", start=str(TODAY), tool="probe").json()["results"]
+        assert [row["server_name"] for row in buckets] == [None, None]
+        for params in ({"format": "json"}, {"format": "jsonl"}, {"format": "json", "level": "event"},
+                       {"format": "json", "group_by": "server"}):
+            assert '"s3"' not in exported(**params), params
+        for params in ({"format": "csv"}, {"format": "csv", "level": "event"}):
+            rows = list(csv.DictReader(io.StringIO(exported(**params))))
+            assert {row["server_name"] for row in rows if row["tool"] == "probe"} == {""}, params
+        csv_rows = list(csv.DictReader(io.StringIO(b"".join(admin.client().get(
+            URL, {"format": "csv", "group_by": "server", "start": str(TODAY)}).streaming_content).decode())))
+        assert "s3" not in {row["server_name"] for row in csv_rows}
+
+    check()  # today's figures come from the raw events…
+    aggregation.aggregate_day(TODAY, final=False, now=datetime(2026, 11, 21, 12, 30, tzinfo=UTC))
+    with time_machine.travel(datetime(2026, 11, 21, 12, 30, tzinfo=UTC), tick=False):
+        check()  # …and from the stored buckets once aggregated
+        assert "s3" not in admin_web.get("/usage/").content.decode()

@@ -23,3 +23,8 @@ urlpatterns = [
     path("", include("usage.ui_urls")),
     path("metrics", metrics_view.metrics, name="metrics"),
 ]
+
+handler400 = "twinmcp.api_errors.handler400"
+handler403 = "twinmcp.api_errors.handler403"
+handler404 = "twinmcp.api_errors.handler404"
+handler500 = "twinmcp.api_errors.handler500"

@@ -17,7 +17,6 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import exceptions
 from rest_framework.negotiation import DefaultContentNegotiation
-from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
@@ -27,6 +26,7 @@ from rest_framework.views import APIView
 from external_mcp.models import ExternalMcpServer
 from twinmcp.flags import ExternalMcpEnabled
 from twinmcp.models import Membership, Role
+from twinmcp.pagination import PAGINATION_PARAMETERS, BoundedLimitOffsetPagination
 from twinmcp.scoping import key_workspace_ids
 from twinmcp.services import profile_ensure
 from usage import exports
@@ -40,7 +40,7 @@ from usage.serializers import (
     UsageQuerySerializer,
 )
 
-MAX_OFFSET = 2**31 - 1
+MAX_USER_ID = 2**31 - 1  # auth.User's id column is a PostgreSQL integer
 
 
 class IgnoreFormatParameter(DefaultContentNegotiation):
@@ -97,7 +97,7 @@ def resolve_user(scope: Scope, value: str) -> int:
     member gets a 403; a user the caller shares no workspace with is unknown (400)."""
     users = get_user_model().objects
     candidate = None
-    if value.isdigit() and len(value) <= 18:
+    if value.isascii() and value.isdigit() and int(value) <= MAX_USER_ID:
         candidate = users.filter(pk=int(value)).values_list("pk", flat=True).first()
     if candidate is None:
         candidate = users.filter(**{get_user_model().USERNAME_FIELD: value}).values_list("pk", flat=True).first()
@@ -170,8 +170,7 @@ class UsageList(UsageView):
             *FILTER_PARAMETERS,
             OpenApiParameter("group_by", str, description="Comma-separated: day, user, server, tool."),
             OpenApiParameter("format", str, enum=["json", "csv"]),
-            OpenApiParameter("limit", int),
-            OpenApiParameter("offset", int),
+            *PAGINATION_PARAMETERS,
         ],
         responses={200: UsagePageSerializer, (200, "text/csv"): OpenApiTypes.STR},
     )
@@ -185,11 +184,10 @@ class UsageList(UsageView):
             content = exports.csv_chunks(exports.grouped_columns(query.group_by), rows)
             return exports.streaming_response(request._request, content, fmt="csv",
                                               filename=f"twinmcp-usage-{query.start}-{query.end}")
-        paginator = LimitOffsetPagination()
-        paginator.max_limit = 1000
+        paginator = BoundedLimitOffsetPagination()
         paginator.request = request
         paginator.limit = paginator.get_limit(request)
-        paginator.offset = min(paginator.get_offset(request), MAX_OFFSET)
+        paginator.offset = paginator.get_offset(request)
         raw_rows, paginator.count, totals = query.page(limit=paginator.limit, offset=paginator.offset,
                                                        pseudonymize=data["pseudonymize"])
         pseudonyms = exports.Pseudonymizer() if data["pseudonymize"] else None

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from django.conf import settings
 from django.core.handlers.asgi import ASGIRequest
-from django.db.models import QuerySet
+from django.db.models import Case, F, QuerySet, When
 from django.http import HttpRequest, StreamingHttpResponse
 
 from usage.models import UsageEvent
@@ -138,7 +138,7 @@ def grouped_rows(query: UsageQuery, *, pseudonymize: bool) -> Iterator[dict[str,
 
 _EVENT_FIELDS = (
     "created_at", "workspace_id", "workspace__slug", "user_id", "user__username", "user__email", "server_id",
-    "server__name", "api_key_id", "method", "tool_name", "request_id", "jsonrpc_id", "outcome", "counted",
+    "own_server_name", "api_key_id", "method", "tool_name", "request_id", "jsonrpc_id", "outcome", "counted",
     "tokens_in", "tokens_out", "bytes_in", "bytes_out", "latency_ms", "upstream_status", "jsonrpc_error_code",
 )
 
@@ -151,7 +151,9 @@ def event_queryset(query: UsageQuery) -> QuerySet:
         events = events.none()
     else:
         events = events.filter(created_at__gte=midnight(query.start), created_at__lt=midnight(last + timedelta(days=1)))
-    return events.order_by("created_at", "id").values_list(*_EVENT_FIELDS)
+    # A server lends its name only to events of its own workspace (see UsageQuery.grouped_sql).
+    own_server_name = Case(When(server__workspace_id=F("workspace_id"), then=F("server__name")), default=None)
+    return events.annotate(own_server_name=own_server_name).order_by("created_at", "id").values_list(*_EVENT_FIELDS)
 
 
 def event_rows(query: UsageQuery, *, pseudonymize: bool) -> Iterator[dict[str, Any]]:
@@ -168,7 +170,7 @@ def event_rows(query: UsageQuery, *, pseudonymize: bool) -> Iterator[dict[str, A
             "created_at": iso(raw["created_at"]),
             "workspace": raw["workspace__slug"] or (str(workspace_id) if workspace_id else None),
             "user_id": user_id, "username": username, "email": email,
-            "server_id": str(raw["server_id"]) if raw["server_id"] else None, "server_name": raw["server__name"],
+            "server_id": str(raw["server_id"]) if raw["server_id"] else None, "server_name": raw["own_server_name"],
             "api_key_id": api_key, "method": raw["method"],
             "tool": raw["tool_name"] if raw["method"] == "tools/call" else "",
             "request_id": raw["request_id"], "jsonrpc_id": raw["jsonrpc_id"], "outcome": raw["outcome"],

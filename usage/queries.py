@@ -158,6 +158,12 @@ def midnight(day: date) -> datetime:
     return datetime.combine(day, dt_time.min, tzinfo=UTC)
 
 
+def range_start(end: date, days: int) -> date:
+    """The first of the ``days`` days ending on ``end``, never before the first day a date can hold."""
+    span = timedelta(days=days - 1)
+    return end - span if end - date.min >= span else date.min
+
+
 def days_between(first: date, last: date) -> Iterator[date]:
     day = first
     while day <= last:
@@ -349,8 +355,9 @@ class UsageQuery:
 
     def grouped_sql(self, *, window_totals: bool = False, limit: int | None = None, offset: int = 0,
                     pseudonymize: bool = False) -> tuple[str, list[Any]]:
-        """The grouped rows with workspace slug, user and server names joined in, ordered by the
-        requested dimensions; ``window_totals`` adds the group count and totals to every row."""
+        """The grouped rows with workspace slug, user and server names joined in (a server's name only
+        within its own workspace), ordered by the requested dimensions; ``window_totals`` adds the
+        group count and totals to every row."""
         qn = connection.ops.quote_name
         user_model = get_user_model()
         cte, grouped, params = self._grouped()
@@ -368,9 +375,11 @@ class UsageQuery:
                     order.append(f"u.{username}")
                 order.append("g.user_id")
             elif dim == "server":
+                # Only a server of the row's own workspace lends its name: a row that names another
+                # workspace's server (or a deleted one) shows its id alone, like an id that never existed.
                 select.append("s.name AS server_name")
                 joins.append(f"LEFT JOIN {qn(_meta_table('external_mcp', 'ExternalMcpServer'))} s "
-                             "ON s.id = g.server_id")
+                             "ON s.id = g.server_id AND s.workspace_id = g.workspace_id")
                 order += ["s.name", "g.server_id"]
             else:
                 order.append("g.tool")

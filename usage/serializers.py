@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from datetime import date, timedelta
 from typing import Any
 
 from django.conf import settings
 from django.utils import timezone
 from rest_framework import serializers
 
-from usage.queries import GROUP_DIMENSIONS
+from usage.queries import GROUP_DIMENSIONS, range_start
 
 DATE_FORMATS = ["%Y-%m-%d"]
+DEFAULT_RANGE_DAYS = 30
 
 
 def parse_group_by(value: str, default: tuple[str, ...]) -> tuple[str, ...]:
@@ -57,7 +57,7 @@ class UsageQuerySerializer(serializers.Serializer):
         today = timezone.now().date()
         maximum = settings.USAGE_MAX_RANGE_DAYS
         end = attrs.get("end") or today
-        start = attrs.get("start") or (end - timedelta(days=29) if end > date.min + timedelta(days=29) else date.min)
+        start = attrs.get("start") or range_start(end, DEFAULT_RANGE_DAYS)
         if end < start:
             raise serializers.ValidationError({"end": [f"end ({end}) is before start ({start})."]})
         days = (end - start).days + 1

@@ -19,10 +19,11 @@ from django.views.decorators.http import require_http_methods
 from external_mcp.models import ExternalMcpServer, ExternalMcpTool
 from twinmcp.context_processors import require_external_mcp_page
 from twinmcp.models import Membership, Role
+from usage.queries import range_start
+from usage.serializers import DEFAULT_RANGE_DAYS
 
 USAGE_API = "/api/v1/external-mcp/usage"
 USAGE_EXPORT_API = "/api/v1/external-mcp/usage/export"
-DEFAULT_DAYS = 30
 PRESETS = (7, 30, 90)
 GROUP_BY_CHOICES = [("tool", "Tool"), ("server", "Server"), ("user", "User")]
 
@@ -55,7 +56,7 @@ class UsageFilterForm(forms.Form):
 
 def _period(data: dict[str, Any], today: date) -> tuple[date, date]:
     end = data.get("end") or today
-    start = data.get("start") or end - timedelta(days=DEFAULT_DAYS - 1)
+    start = data.get("start") or range_start(end, DEFAULT_RANGE_DAYS)
     return start, end
 
 
