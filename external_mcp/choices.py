@@ -63,6 +63,7 @@ class ToolState(models.TextChoices):
     PENDING = "pending", "Pending approval"
     APPROVED = "approved", "Approved"
     CHANGED = "changed", "Changed (quarantined)"
+    REFUSED = "refused", "Refused by TwinMCP"
     DISABLED = "disabled", "Disabled"
     REMOVED = "removed", "Removed"
 
@@ -72,4 +73,5 @@ class NotificationKind(models.TextChoices):
     DOWN = "server.down", "Server down"
     RECOVERED = "server.recovered", "Server recovered"
     TOOL_CHANGED = "tool.changed", "Tool definition changed"
+    TOOL_REFUSED = "tool.refused", "Tool refused by TwinMCP"
     ALERT = "alert.failure_ratio", "Many health checks failing"

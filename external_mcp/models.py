@@ -10,6 +10,7 @@ from django.db.models.functions import Lower
 from django.utils import timezone
 
 from external_mcp.choices import AuditAction, AuthType, NotificationKind, ServerStatus, ToolState, Transport
+from external_mcp.tool_names import STORED_CHARS
 from twinmcp.models import Membership, Role, Workspace
 
 
@@ -165,10 +166,13 @@ class ToolQuerySet(models.QuerySet["ExternalMcpTool"]):
 
 
 class ExternalMcpTool(models.Model):
-    """A tool as the upstream defines it, pinned by hash: only approved definitions are callable."""
+    """A tool as the upstream defines it, pinned by hash: only approved definitions are callable.
+
+    ``name`` is the name as received when TwinMCP accepts it, else a storage key that no accepted
+    name can equal (``tool_names``); ``refusal_reason`` says why a tool cannot be approved."""
 
     server = models.ForeignKey(ExternalMcpServer, on_delete=models.CASCADE, related_name="tools")
-    name = models.CharField(max_length=200)
+    name = models.CharField(max_length=STORED_CHARS)
     title = models.CharField(max_length=300, blank=True, default="")
     description = models.TextField(blank=True, default="")
     input_schema = models.JSONField(default=dict, blank=True)
@@ -177,6 +181,7 @@ class ExternalMcpTool(models.Model):
     definition = models.JSONField(default=dict)
     definition_hash = models.CharField(max_length=64)
     state = models.CharField(max_length=16, choices=ToolState.choices, default=ToolState.PENDING)
+    refusal_reason = models.TextField(blank=True, default="")
     approved_definition = models.JSONField(null=True, blank=True)
     approved_hash = models.CharField(max_length=64, blank=True, default="")
     approved_at = models.DateTimeField(null=True, blank=True)

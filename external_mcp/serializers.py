@@ -5,6 +5,7 @@ from __future__ import annotations
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from external_mcp import tool_names
 from external_mcp.choices import SUPPORTED_AUTH_TYPE_CHOICES, AuthType, ServerStatus, Transport
 from external_mcp.models import (
     AuditEvent,
@@ -109,12 +110,19 @@ class AuditEventSerializer(serializers.ModelSerializer):
 
 
 class ToolSerializer(serializers.ModelSerializer):
+    name_conforms = serializers.SerializerMethodField(
+        help_text="Whether the name follows the MCP rules (1-128 of A-Za-z0-9_.-); other names may be approved, "
+                  "but some clients refuse or rename them.")
+
     class Meta:
         model = ExternalMcpTool
-        fields = ["name", "title", "description", "input_schema", "output_schema", "annotations", "state",
-                  "definition_hash", "approved_hash", "approved_definition", "definition", "first_seen_at",
-                  "last_seen_at", "approved_at", "changed_at"]
+        fields = ["name", "name_conforms", "title", "description", "input_schema", "output_schema", "annotations",
+                  "state", "refusal_reason", "definition_hash", "approved_hash", "approved_definition", "definition",
+                  "first_seen_at", "last_seen_at", "approved_at", "changed_at"]
         read_only_fields = fields
+
+    def get_name_conforms(self, tool: ExternalMcpTool) -> bool:
+        return tool_names.conforms(tool.name)
 
 
 class ToolApproveSerializer(serializers.Serializer):

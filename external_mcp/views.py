@@ -31,7 +31,7 @@ from django.utils.cache import patch_vary_headers
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_http_methods, require_POST
 
-from external_mcp import catalog, health, inbox, services
+from external_mcp import catalog, health, inbox, services, storable, tool_names
 from external_mcp.choices import STATUS_COLOURS, STATUS_SORT_ORDER, AuthType, ServerStatus, ToolState
 from external_mcp.forms import (
     CredentialsForm,
@@ -66,9 +66,10 @@ ERROR_LABELS = {
     "dns": "Host name not found",
     "http": "Unexpected HTTP answer",
     "credentials": "Stored credentials unusable",
+    "record": "Result could not be recorded",
 }
-TOOL_STATE_ORDER = {ToolState.CHANGED: 0, ToolState.PENDING: 1, ToolState.APPROVED: 2, ToolState.DISABLED: 3,
-                    ToolState.REMOVED: 4}
+TOOL_STATE_ORDER = {ToolState.CHANGED: 0, ToolState.REFUSED: 1, ToolState.PENDING: 2, ToolState.APPROVED: 3,
+                    ToolState.DISABLED: 4, ToolState.REMOVED: 5}
 APPROVABLE_STATES = (ToolState.PENDING, ToolState.CHANGED, ToolState.DISABLED)
 EXPIRY_WARNING = timedelta(days=30)
 CHART_POINTS = 100
@@ -152,9 +153,11 @@ class DiffRow:
 
 
 def definition_diff(old: Any, new: Any, *, context: int = 3) -> list[DiffRow]:
-    """Rows of a line diff between two pretty-printed JSON definitions (hunks with context)."""
-    a = json.dumps(old or {}, indent=2, sort_keys=True, ensure_ascii=False).splitlines()
-    b = json.dumps(new or {}, indent=2, sort_keys=True, ensure_ascii=False).splitlines()
+    """Rows of a line diff between two pretty-printed JSON definitions (hunks with context).
+    Invisible characters (zero-width, bidirectional controls, tags) are shown, since a definition
+    can hide instructions in them."""
+    a = storable.display_text(json.dumps(old or {}, indent=2, sort_keys=True, ensure_ascii=False)).splitlines()
+    b = storable.display_text(json.dumps(new or {}, indent=2, sort_keys=True, ensure_ascii=False)).splitlines()
     rows: list[DiffRow] = []
     for group in difflib.SequenceMatcher(None, a, b, autojunk=False).get_grouped_opcodes(context):
         if rows:
@@ -173,7 +176,8 @@ def definition_diff(old: Any, new: Any, *, context: int = 3) -> list[DiffRow]:
 def _tools(server: ExternalMcpServer) -> list[ExternalMcpTool]:
     tools = sorted(server.tools.all(), key=lambda t: (TOOL_STATE_ORDER.get(t.state, 9), t.name))
     for tool in tools:
-        tool.approvable = tool.state in APPROVABLE_STATES
+        tool.approvable = tool.state in APPROVABLE_STATES and not tool.refusal_reason
+        tool.name_conforms = tool_names.conforms(tool.name)
         if tool.state == ToolState.CHANGED:
             tool.diff = definition_diff(tool.approved_definition, tool.definition)
     return tools
