@@ -3,15 +3,32 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime, timedelta
+from typing import Any
 
 from django.conf import settings
 from django.db import models
-from django.db.models.functions import Lower
+from django.db.models import Case, ExpressionWrapper, F, Value, When
+from django.db.models.functions import Coalesce, Lower
 from django.utils import timezone
 
+from external_mcp import staleness
 from external_mcp.choices import AuditAction, AuthType, NotificationKind, ServerStatus, ToolState, Transport
 from external_mcp.tool_names import STORED_CHARS
 from twinmcp.models import Membership, Role, Workspace
+
+
+class _Milliseconds(models.Func):
+    """An integer number of milliseconds as a duration (an interval on PostgreSQL; SQLite stores
+    durations as microseconds), so it can be added to a timestamp on both."""
+
+    output_field = models.DurationField()
+
+    def as_postgresql(self, compiler: Any, connection: Any, **extra: Any) -> Any:
+        return self.as_sql(compiler, connection, template="(%(expressions)s * INTERVAL '1 millisecond')", **extra)
+
+    def as_sqlite(self, compiler: Any, connection: Any, **extra: Any) -> Any:
+        return self.as_sql(compiler, connection, template="(%(expressions)s * 1000)", **extra)
 
 
 class ServerQuerySet(models.QuerySet["ExternalMcpServer"]):
@@ -32,6 +49,21 @@ class ServerQuerySet(models.QuerySet["ExternalMcpServer"]):
 
     def search(self, text: str) -> ServerQuerySet:
         return self.filter(models.Q(name__icontains=text) | models.Q(description__icontains=text))
+
+    def with_shown_status(self, now: datetime) -> ServerQuerySet:
+        """Annotate ``shown_status``: the recorded status, or ``stale`` (the SQL form of
+        ``external_mcp.staleness.shown_status``)."""
+        intervals, slack = staleness.grace_parts()
+        grace_ms = F("check_interval_seconds") * (intervals * 1000) + int(slack / timedelta(milliseconds=1))
+        deadline = ExpressionWrapper(Coalesce("last_checked_at", "created_at") + _Milliseconds(grace_ms),
+                                     output_field=models.DateTimeField())
+        stale = models.Q(enabled=True, stale_at__lt=now) & ~models.Q(status=ServerStatus.DISABLED)
+        return self.annotate(stale_at=deadline).annotate(shown_status=Case(
+            When(stale, then=Value(ServerStatus.STALE.value)), default=F("status"),
+            output_field=models.CharField()))
+
+    def shown_as(self, status: str, now: datetime) -> ServerQuerySet:
+        return self.with_shown_status(now).filter(shown_status=status)
 
 
 class ExternalMcpServer(models.Model):
