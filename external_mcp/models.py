@@ -234,8 +234,19 @@ class ExternalMcpTool(models.Model):
         return f"{self.name} ({self.state})"
 
 
+class NotificationQuerySet(models.QuerySet["Notification"]):
+    def email_due(self, now: datetime) -> NotificationQuerySet:
+        """E-mails to send now: never sent, and due (new, backoff over, or a dead worker's lease over)."""
+        return self.filter(email_sent_at__isnull=True, email_next_attempt_at__lte=now)
+
+
 class Notification(models.Model):
-    """An in-app notification for one admin; ``dedup_key`` makes each transition notify once."""
+    """An in-app notification for one admin; ``dedup_key`` makes each transition notify once.
+
+    Its e-mail is delivered at least once and recorded as sent at most once: ``email_next_attempt_at``
+    is when it is due (null: nothing more to try), ``email_attempts`` counts claims, and a claim
+    pushes ``email_next_attempt_at`` past a lease, so the e-mail of a worker that died is due again
+    when the lease ends (``external_mcp.notifications``)."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="notifications")
@@ -250,6 +261,12 @@ class Notification(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
     read_at = models.DateTimeField(null=True, blank=True)
     email_sent_at = models.DateTimeField(null=True, blank=True)
+    email_attempts = models.PositiveSmallIntegerField(default=0)
+    email_next_attempt_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    email_last_attempt_at = models.DateTimeField(null=True, blank=True)
+    email_last_error = models.TextField(blank=True, default="")
+
+    objects = NotificationQuerySet.as_manager()
 
     class Meta:
         ordering = ["-created_at"]

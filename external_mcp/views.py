@@ -535,7 +535,8 @@ def notifications(request: HttpRequest) -> HttpResponse:
     if unread_only:
         rows = rows.filter(read_at__isnull=True)
     page = Paginator(rows, 50).get_page(request.GET.get("page"))
-    context = {"page": page, "notifications": page.object_list, "unread_only": unread_only}
+    context = {"page": page, "notifications": page.object_list, "unread_only": unread_only,
+               "email_max_attempts": settings.EXTERNAL_MCP_EMAIL_MAX_ATTEMPTS}
     return _render(request, "external_mcp/notifications.html", context, partial="notification-list")
 
 
@@ -547,7 +548,9 @@ def notification_read(request: HttpRequest, notification_id: Any) -> HttpRespons
     if notification is None:
         raise Http404("No such notification.")
     if _partial(request):
-        return _render(request, "external_mcp/notifications.html", {"n": notification, "oob_bell": True},
+        return _render(request, "external_mcp/notifications.html",
+                       {"n": notification, "oob_bell": True,
+                        "email_max_attempts": settings.EXTERNAL_MCP_EMAIL_MAX_ATTEMPTS},
                        partial="notification-item")
     return HttpResponseRedirect(_next_url(request, reverse("external_mcp-ui-notifications")))
 
