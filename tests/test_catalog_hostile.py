@@ -421,3 +421,19 @@ def test_a_definition_deeper_than_python_can_recurse_still_has_a_hash(server):
     catalog.catalog_sync(server=server, tools=[tool("deep", inputSchema=nested(5000))])
     deep = tools_of(server)["deep"]
     assert deep.state == "refused" and len(deep.definition_hash) == 64
+
+
+def test_the_safe_form_of_an_unstorable_document_is_storable_and_shows_what_was_replaced():
+    from external_mcp import storable
+
+    deep: Any = "bottom"
+    for _ in range(100):
+        deep = [deep]
+    document = {"a\u0000": [1.5, float("nan"), float("-inf"), "x\ud800y", {"k": None}], "deep": deep, "ok": True}
+    safe = storable.safe(document)
+    assert storable.problem(safe) is None
+    assert safe["a\u2400"][:3] == [1.5, "NaN", "-Infinity"]
+    assert safe["a\u2400"][3] == "x\u27e8U+D800\u27e9y" and safe["a\u2400"][4] == {"k": None}
+    assert safe["ok"] is True and "…" in json.dumps(safe, ensure_ascii=False)
+    assert storable.problem(document) is not None
+    assert storable.safe("a\u0000") == "a\u2400" and storable.safe(3) == 3

@@ -158,3 +158,27 @@ def test_django_admin_lists_email_attempts_and_errors(smtp, notification, admin_
     assert "mail-me has a problem" in page and "421" in page
     detail = admin_client.get(f"/admin/external_mcp/notification/{notification.pk}/change/").content.decode()
     assert "Service not available" in detail
+
+
+def test_a_last_attempt_whose_worker_died_is_given_up_not_retried_for_ever(smtp, notification, t0, settings):
+    settings.EXTERNAL_MCP_EMAIL_MAX_ATTEMPTS = 1
+    smtp.refusing = False
+    with at(t0):
+        assert notifications.email_claim(notification_id=notification.pk)  # and the worker dies
+    with at(t0 + timedelta(seconds=301)):
+        assert notifications.email_sweep() == 0
+    gave_up = fresh(notification)
+    assert gave_up.email_next_attempt_at is None and "Gave up after 1 attempts" in gave_up.email_last_error
+    assert smtp.connections == 0
+
+
+def test_a_mail_server_that_is_not_listening_is_a_retried_connection_error(notification, settings, t0):
+    settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+    with SmtpPeer() as gone:
+        port = gone.port
+    settings.EMAIL_HOST, settings.EMAIL_PORT, settings.EMAIL_TIMEOUT = "127.0.0.1", port, 5
+    with at(t0):
+        assert notifications.email_sweep() == 0
+    failed = fresh(notification)
+    assert "ConnectionRefusedError" in failed.email_last_error
+    assert failed.email_next_attempt_at == t0 + timedelta(seconds=60)
