@@ -32,8 +32,6 @@ DEFINITION_KEYS = ("name", "title", "description", "inputSchema", "outputSchema"
 MAX_DEFINITION_BYTES = 256 * 1024
 TITLE_CHARS = 300
 DESCRIPTION_CHARS = 64 * 1024
-# States in which a tool that had been approved is re-judged against its approved definition.
-REVIEWED_STATES = (ToolState.APPROVED, ToolState.CHANGED, ToolState.REFUSED, ToolState.REMOVED)
 
 
 def canonical_definition(tool: dict[str, Any]) -> dict[str, Any]:
@@ -58,7 +56,7 @@ class Listed:
     digest: str
     size: int
     refusal: str = ""
-    storable: bool = True
+    storable_as_is: bool = True
 
 
 def _shape_problem(definition: dict[str, Any]) -> str | None:
@@ -83,11 +81,11 @@ def _judge(raw: dict[str, Any]) -> Listed:
     listed = Listed(key=tool_names.catalog_key(name), definition=definition, digest=digest, size=size)
     name_problem = tool_names.refusal(name)
     if size > MAX_DEFINITION_BYTES:
-        return replace(listed, storable=False, refusal=name_problem or (
+        return replace(listed, storable_as_is=False, refusal=name_problem or (
             f"The definition is {size} bytes; TwinMCP stores definitions of at most {MAX_DEFINITION_BYTES} bytes."))
     where = storable.problem(definition)
     if where:
-        return replace(listed, storable=False, refusal=name_problem or (
+        return replace(listed, storable_as_is=False, refusal=name_problem or (
             f"The definition cannot be stored as received: {where}."))
     return replace(listed, refusal=name_problem or _shape_problem(definition) or "")
 
@@ -119,7 +117,7 @@ def _text(value: Any, limit: int) -> str:
 
 
 def _fill(tool: ExternalMcpTool, listed: Listed) -> None:
-    if listed.storable:
+    if listed.storable_as_is:
         definition = listed.definition
     elif listed.size > MAX_DEFINITION_BYTES:
         definition = {"name": tool.name}

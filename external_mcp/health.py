@@ -26,6 +26,8 @@ from external_mcp.status import transition
 
 logger = logging.getLogger("external_mcp.health")
 
+MAX_CAPABILITIES_BYTES = 64 * 1024
+
 @dataclass
 class Target:
     server: ExternalMcpServer
@@ -65,6 +67,12 @@ async def run_checks(targets: list[Target], *, concurrency: int | None = None) -
         return await asyncio.gather(*(one(t) for t in targets))
 
 
+def _bounded(capabilities: dict) -> dict:
+    """The capabilities to keep: a server could send megabytes of them at every check."""
+    size = len(storable.utf8(storable.canonical_json(capabilities)))
+    return capabilities if size <= MAX_CAPABILITIES_BYTES else {"not_stored": f"{size} bytes of capabilities"}
+
+
 def _ignored_note(result: mcp_client.CheckResult) -> str:
     ignored = 0 if not result.ok else sum(1 for raw in result.tools if not catalog.is_tool_entry(raw))
     if not ignored:
@@ -98,7 +106,7 @@ def _store(server: ExternalMcpServer, result: mcp_client.CheckResult, now: datet
             row.protocol_version = storable.display_text(result.protocol_version, 20)
             row.server_info = storable.safe({
                 "name": result.server_name, "version": result.server_version, "era": result.era,
-                "capabilities": result.capabilities, "card_url": result.card_url})
+                "capabilities": _bounded(result.capabilities), "card_url": result.card_url})
             target, reason = (ServerStatus.WARNING, message) if slow else (ServerStatus.HEALTHY, "Check succeeded.")
         else:
             row.consecutive_failures += 1

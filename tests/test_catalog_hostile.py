@@ -437,3 +437,14 @@ def test_the_safe_form_of_an_unstorable_document_is_storable_and_shows_what_was_
     assert safe["ok"] is True and "…" in json.dumps(safe, ensure_ascii=False)
     assert storable.problem(document) is not None
     assert storable.safe("a\u0000") == "a\u2400" and storable.safe(3) == 3
+
+
+def test_huge_capabilities_are_not_stored_at_every_check(admin):
+    def discover(request: HostileRequest) -> list:
+        capabilities = {"tools": {}, "experimental": {"blob": "x" * 200_000}}
+        return json_answer(rpc_result(request, {"supportedVersions": ["2026-07-28"], "capabilities": capabilities}))
+
+    with HostilePeer(mcp_handler(discover=discover)) as peer:
+        result, server = check(register(admin, peer.url))
+    assert result.ok, result.error_message
+    assert server.server_info["capabilities"] == {"not_stored": "200039 bytes of capabilities"}
