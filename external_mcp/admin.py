@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.contrib import admin
 from django.http import HttpRequest
 
-from external_mcp.models import AuditEvent, ExternalMcpCredential, ExternalMcpServer
+from external_mcp.models import AuditEvent, ExternalMcpCredential, ExternalMcpServer, Notification
 
 
 class CredentialInline(admin.StackedInline):
@@ -44,6 +44,28 @@ class AuditEventAdmin(admin.ModelAdmin):
     list_filter = ["action"]
     list_select_related = ["actor", "workspace"]
     readonly_fields = ["workspace", "server", "server_name", "actor", "action", "changes", "at"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+
+@admin.register(Notification)
+class NotificationAdmin(admin.ModelAdmin):
+    """Read-only: shows whether each notification's e-mail went out, and why not."""
+
+    list_display = ["created_at", "title", "user", "kind", "email_sent_at", "email_attempts",
+                    "email_next_attempt_at", "email_error"]
+    list_filter = ["kind", ("email_sent_at", admin.EmptyFieldListFilter)]
+    list_select_related = ["user"]
+    search_fields = ["title", "email_last_error"]
+    readonly_fields = [f.name for f in Notification._meta.fields]
+
+    @admin.display(description="last e-mail error")
+    def email_error(self, obj: Notification) -> str:
+        return obj.email_last_error[:120]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

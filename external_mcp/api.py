@@ -6,6 +6,7 @@ from typing import Any
 
 from django.db.models import QuerySet
 from django.http import Http404
+from django.utils import timezone
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status
 from rest_framework.exceptions import PermissionDenied
@@ -73,7 +74,7 @@ class ServerListCreate(ExternalMcpView):
         filters.is_valid(raise_exception=True)
         servers = self.servers()
         if status_ := filters.validated_data.get("status"):
-            servers = servers.filter(status=status_)
+            servers = servers.shown_as(status_, timezone.now())
         if tag := filters.validated_data.get("tag"):
             servers = servers.with_tag(tag)
         if text := filters.validated_data.get("search"):

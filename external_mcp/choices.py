@@ -11,19 +11,23 @@ class ServerStatus(models.TextChoices):
     WARNING = "warning", "Warning"
     DOWN = "down", "Down"
     DISABLED = "disabled", "Disabled"
+    # Never stored: shown when the last check is too old to believe the recorded status (staleness.py).
+    STALE = "stale", "Stale (no recent check)"
 
 
-# Down sorts first: what is broken is what an admin must see.
+# Down sorts first: what is broken is what an admin must see; then what nobody checks any more.
 STATUS_SORT_ORDER = {
     ServerStatus.DOWN: 0,
-    ServerStatus.WARNING: 1,
-    ServerStatus.NEW: 2,
-    ServerStatus.HEALTHY: 3,
-    ServerStatus.DISABLED: 4,
+    ServerStatus.STALE: 1,
+    ServerStatus.WARNING: 2,
+    ServerStatus.NEW: 3,
+    ServerStatus.HEALTHY: 4,
+    ServerStatus.DISABLED: 5,
 }
 
 STATUS_COLOURS = {
     ServerStatus.DOWN: "down",
+    ServerStatus.STALE: "warn",
     ServerStatus.WARNING: "warn",
     ServerStatus.NEW: "new",
     ServerStatus.HEALTHY: "ok",
@@ -63,6 +67,7 @@ class ToolState(models.TextChoices):
     PENDING = "pending", "Pending approval"
     APPROVED = "approved", "Approved"
     CHANGED = "changed", "Changed (quarantined)"
+    REFUSED = "refused", "Refused by TwinMCP"
     DISABLED = "disabled", "Disabled"
     REMOVED = "removed", "Removed"
 
@@ -72,4 +77,5 @@ class NotificationKind(models.TextChoices):
     DOWN = "server.down", "Server down"
     RECOVERED = "server.recovered", "Server recovered"
     TOOL_CHANGED = "tool.changed", "Tool definition changed"
+    TOOL_REFUSED = "tool.refused", "Tool refused by TwinMCP"
     ALERT = "alert.failure_ratio", "Many health checks failing"

@@ -16,9 +16,8 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from external_mcp import mcp_client, metrics
+from external_mcp import catalog, mcp_client, metrics, storable
 from external_mcp.auth_schemes import AuthScheme, build_scheme
-from external_mcp.catalog import catalog_sync
 from external_mcp.choices import ServerStatus, ToolState
 from external_mcp.models import ExternalMcpServer, ExternalMcpTool, HealthCheck
 from external_mcp.notifications import failure_ratio_alert
@@ -26,6 +25,8 @@ from external_mcp.services import CredentialUnavailable, credentials_payload
 from external_mcp.status import transition
 
 logger = logging.getLogger("external_mcp.health")
+
+MAX_CAPABILITIES_BYTES = 64 * 1024
 
 @dataclass
 class Target:
@@ -66,60 +67,114 @@ async def run_checks(targets: list[Target], *, concurrency: int | None = None) -
         return await asyncio.gather(*(one(t) for t in targets))
 
 
-def record_check(*, server: ExternalMcpServer, result: mcp_client.CheckResult,
-                 now: datetime | None = None) -> ExternalMcpServer:
-    """Store one check's facts, derive the status with hysteresis, sync the tool catalog."""
-    now = now or timezone.now()
+def _bounded(capabilities: dict) -> dict:
+    """The capabilities to keep: a server could send megabytes of them at every check."""
+    size = len(storable.utf8(storable.canonical_json(capabilities)))
+    return capabilities if size <= MAX_CAPABILITIES_BYTES else {"not_stored": f"{size} bytes of capabilities"}
+
+
+def _ignored_note(result: mcp_client.CheckResult) -> str:
+    ignored = 0 if not result.ok else sum(1 for raw in result.tools if not catalog.is_tool_entry(raw))
+    if not ignored:
+        return ""
+    return (f"tools/list: {ignored} entries are not tools (an object with a string name) and were ignored."
+            if ignored > 1 else "tools/list: 1 entry is not a tool (an object with a string name) and was ignored.")
+
+
+def _store(server: ExternalMcpServer, result: mcp_client.CheckResult, now: datetime, *,
+           quarantine_from: list | None = None) -> ExternalMcpServer:
+    """One transaction: the check's facts, the status verdict and the catalog (or, for a check
+    whose catalog could not be stored, the quarantine of what it could not verify)."""
     latency = int(result.total_ms)
     slow = result.ok and latency > settings.EXTERNAL_MCP_HEALTH_SLOW_MS
-    server_id = str(server.pk)
-    HealthCheck.objects.create(
-        server=server, checked_at=now, ok=result.ok, slow=slow, error_class=result.error_class,
-        error_message=result.error_message[:2000], latency_ms=latency, protocol_version=result.protocol_version,
-        timings_ms=result.timings_ms, tool_count=len(result.tools) if result.ok else None,
-    )
+    note = _ignored_note(result)
     with transaction.atomic():
         # The row lock makes each check's verdict use the facts every earlier check left.
         row = ExternalMcpServer.objects.select_for_update().get(pk=server.pk)
+        HealthCheck.objects.create(
+            server=row, checked_at=now, ok=result.ok, slow=slow, error_class=result.error_class,
+            error_message=storable.display_text(result.error_message or note, 2000), latency_ms=latency,
+            protocol_version=storable.display_text(result.protocol_version, 20), timings_ms=result.timings_ms,
+            tool_count=len(result.tools) if result.ok else None,
+        )
         row.last_checked_at, row.last_latency_ms = now, latency
         if result.ok:
             message = (f"Slow: the check took {latency} ms (threshold {settings.EXTERNAL_MCP_HEALTH_SLOW_MS} ms)."
                        if slow else "")
-            row.consecutive_failures, row.last_ok_at, row.error_message = 0, now, message
-            row.protocol_version = result.protocol_version
-            row.server_info = {"name": result.server_name, "version": result.server_version, "era": result.era,
-                               "capabilities": result.capabilities, "card_url": result.card_url}
+            row.consecutive_failures, row.last_ok_at = 0, now
+            row.error_message = " ".join(part for part in (message, note) if part)
+            row.protocol_version = storable.display_text(result.protocol_version, 20)
+            row.server_info = storable.safe({
+                "name": result.server_name, "version": result.server_version, "era": result.era,
+                "capabilities": _bounded(result.capabilities), "card_url": result.card_url})
             target, reason = (ServerStatus.WARNING, message) if slow else (ServerStatus.HEALTHY, "Check succeeded.")
         else:
             row.consecutive_failures += 1
-            row.error_message = f"{result.error_message} {result.hint}".strip()
+            row.error_message = storable.display_text(f"{result.error_message} {result.hint}".strip(), 4000)
             down = row.consecutive_failures >= settings.EXTERNAL_MCP_HEALTH_DOWN_AFTER
             target, reason = (ServerStatus.DOWN if down else ServerStatus.WARNING), row.error_message
         row.save(update_fields=["last_checked_at", "last_latency_ms", "consecutive_failures", "last_ok_at",
                                 "error_message", "protocol_version", "server_info"])
         if row.status != ServerStatus.DISABLED:
             transition(server=row, new=target, reason=reason)
+            if result.ok:
+                catalog.catalog_sync(server=row, tools=result.tools, now=now)
+        if quarantine_from is not None:
+            catalog.catalog_quarantine(server=row, tools=quarantine_from, now=now)
+    return row
+
+
+def unrecorded(exc: BaseException, result: mcp_client.CheckResult) -> mcp_client.CheckResult:
+    """The failed check that stands for a check whose result could not be stored."""
+    return mcp_client.CheckResult(
+        ok=False, error_class="record", timings_ms=result.timings_ms, total_ms=result.total_ms,
+        error_message=f"The check's result could not be recorded ({type(exc).__name__}); approved tools whose "
+                      "definition could not be verified are quarantined.",
+    )
+
+
+def record(*, server: ExternalMcpServer, result: mcp_client.CheckResult,
+           now: datetime | None = None) -> tuple[mcp_client.CheckResult, ExternalMcpServer]:
+    """Store one check's facts, derive the status with hysteresis, sync the tool catalog.
+
+    Returns the check as recorded: a check whose result cannot be stored (whatever the upstream
+    sent, whatever the database refused) is recorded as a failed check of class ``record``."""
+    now = now or timezone.now()
+    try:
+        row = _store(server, result, now)
+    except Exception as exc:  # noqa: BLE001 - an unrecordable check is a failed check, not a crash
+        logger.exception("could not record the check of %s", server.pk)
+        listing = result.tools if result.ok else None
+        result = unrecorded(exc, result)
+        row = _store(server, result, now, quarantine_from=listing)
+    server_id = str(row.pk)
     if not result.ok:
         metrics.ERRORS.labels(server_id, "health", result.error_class or "unknown").inc()
     metrics.HEALTH_CHECKS.labels(server_id, "ok" if result.ok else "failure").inc()
     metrics.LATENCY.labels(server_id, "health").observe(result.total_ms / 1000)
-    server = row
-    if server.status == ServerStatus.DISABLED:
-        return server
-    if result.ok:
-        catalog_sync(server=server, tools=result.tools, now=now)
-    log = logger.info if result.ok else logger.warning
-    log("health check", extra={"event": "health_check", "server": server_id, "workspace": str(server.workspace_id),
-                               "outcome": "ok" if result.ok else result.error_class, "latency_ms": latency,
-                               "status": server.status})
-    return server
+    if row.status != ServerStatus.DISABLED:
+        log = logger.info if result.ok else logger.warning
+        log("health check", extra={"event": "health_check", "server": server_id,
+                                   "workspace": str(row.workspace_id), "latency_ms": int(result.total_ms),
+                                   "outcome": "ok" if result.ok else result.error_class, "status": row.status})
+    return result, row
+
+
+def record_check(*, server: ExternalMcpServer, result: mcp_client.CheckResult,
+                 now: datetime | None = None) -> ExternalMcpServer:
+    return record(server=server, result=result, now=now)[1]
 
 
 def check_now(server: ExternalMcpServer) -> tuple[mcp_client.CheckResult, ExternalMcpServer]:
-    """One check outside the schedule (registration, the Test button)."""
+    """One check outside the schedule (registration, the Test button). Never raises for what the
+    upstream sent: a check that cannot even be recorded as failed returns that failure unrecorded."""
     target = prepare(server)
     [result] = asyncio.run(run_checks([target], concurrency=1))
-    return result, record_check(server=server, result=result)
+    try:
+        return record(server=server, result=result)
+    except Exception as exc:  # noqa: BLE001 - the database itself refused; show it, do not crash
+        logger.exception("could not record the failed check of %s", server.pk)
+        return unrecorded(exc, result), server
 
 
 def claim_due(*, now: datetime, limit: int) -> list[ExternalMcpServer]:
@@ -148,7 +203,7 @@ def sweep(*, now: datetime | None = None, limit: int | None = None) -> int:
     results = asyncio.run(run_checks([prepare(s) for s in servers]))
     for server, result in zip(servers, results, strict=True):
         try:
-            record_check(server=server, result=result, now=timezone.now())
+            record(server=server, result=result, now=timezone.now())
         except Exception:  # noqa: BLE001 - one bad row must not stop the sweep
             logger.exception("could not record the check of %s", server.pk)
     for workspace_id in {s.workspace_id for s in servers}:

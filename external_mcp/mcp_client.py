@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import logging
 import socket
 import ssl
 import time
@@ -24,6 +25,9 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 
 from external_mcp import urlpolicy
 from external_mcp.auth_schemes import AuthScheme
+from external_mcp.storable import display_text
+
+logger = logging.getLogger(__name__)
 
 MODERN_VERSION = "2026-07-28"
 HANDSHAKE_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26")
@@ -34,7 +38,7 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 CLIENT_INFO = {"name": "twinmcp-health", "version": "1.0"}
 CARD_PATHS = ("/.well-known/mcp/catalog.json", "/.well-known/mcp.json", "/.well-known/mcp")
 
-ERROR_CLASSES = ("dns", "connect", "tls", "timeout", "auth", "http", "protocol", "policy", "credentials")
+ERROR_CLASSES = ("dns", "connect", "tls", "timeout", "auth", "http", "protocol", "policy", "credentials", "record")
 
 HINTS = {
     "dns": "The host name does not resolve; check the URL.",
@@ -47,6 +51,9 @@ HINTS = {
     "protocol": "The server did not speak MCP over Streamable HTTP (handshake failed).",
     "policy": "The URL is refused by TwinMCP's URL policy.",
     "credentials": "The stored credentials cannot be used.",
+    "record": "TwinMCP could not store this check's result. Approved tools whose definition it could not verify "
+    "are quarantined until a check is recorded; if this repeats, tell the TwinMCP operators (the logs have the "
+    "details).",
 }
 
 
@@ -68,7 +75,8 @@ class CheckResult:
     server_version: str = ""
     capabilities: dict[str, Any] = field(default_factory=dict)
     instructions: str = ""
-    tools: list[dict[str, Any]] = field(default_factory=list)
+    # tools/list entries as received: any JSON value (the catalog judges them, see catalog.read_listing).
+    tools: list[Any] = field(default_factory=list)
     card: dict[str, Any] | None = None
     card_url: str = ""
     timings_ms: dict[str, float] = field(default_factory=dict)
@@ -147,7 +155,13 @@ class McpProbe:
         except TimeoutError:
             self.result.error_class = "timeout"
             self.result.error_message = f"No complete answer within {self.timeouts.total:g} s."
+        except Exception as exc:  # noqa: BLE001 - any answer, however malformed, is a failed check
+            logger.warning("unexpected answer from %s", self.url, exc_info=True)
+            self.result.error_class = "protocol"
+            self.result.error_message = f"The server's answer could not be understood ({type(exc).__name__})."
         finally:
+            # Upstream text (JSON-RPC error messages) may hold NUL or lone surrogates.
+            self.result.error_message = display_text(self.result.error_message, 2000)
             if self.session_id:
                 await self._step("close", self._close_session)
             self.result.total_ms = round((time.perf_counter() - started) * 1000, 1)
@@ -278,8 +292,10 @@ class McpProbe:
         params, headers = self._modern("server/discover")
         status, message, _ = await self._rpc("server/discover", params, headers=headers, accept_errors=True)
         result = (message or {}).get("result")
-        if isinstance(result, dict) and MODERN_VERSION in (result.get("supportedVersions") or []):
-            info = (result.get("_meta") or {}).get("io.modelcontextprotocol/serverInfo") or {}
+        versions = result.get("supportedVersions") if isinstance(result, dict) else None
+        if isinstance(versions, list) and MODERN_VERSION in versions:
+            meta = result.get("_meta")
+            info = meta.get("io.modelcontextprotocol/serverInfo") if isinstance(meta, dict) else None
             self._record(MODERN_VERSION, "stateless", info, result)
             return
         for version in HANDSHAKE_VERSIONS:
@@ -294,18 +310,19 @@ class McpProbe:
                 raise CheckError("protocol", f"The server offered protocol version {str(negotiated)[:40]!r}, "
                                              "which TwinMCP does not speak.")
             self.session_id = response_headers.get("Mcp-Session-Id")
-            self._record(negotiated, "handshake", result.get("serverInfo") or {}, result)
+            self._record(negotiated, "handshake", result.get("serverInfo"), result)
             await self._notify_initialized()
             return
         raise CheckError("protocol", "Handshake failed: the server accepted neither server/discover nor initialize.")
 
-    def _record(self, version: str, era: str, info: Mapping[str, Any], result: Mapping[str, Any]) -> None:
+    def _record(self, version: str, era: str, info: Any, result: Mapping[str, Any]) -> None:
+        info = info if isinstance(info, dict) else {}
         self.result.protocol_version, self.result.era = version, era
-        self.result.server_name = str(info.get("name", ""))[:200]
-        self.result.server_version = str(info.get("version", ""))[:100]
+        self.result.server_name = display_text(str(info.get("name", "")), 200)
+        self.result.server_version = display_text(str(info.get("version", "")), 100)
         capabilities = result.get("capabilities")
         self.result.capabilities = capabilities if isinstance(capabilities, dict) else {}
-        self.result.instructions = str(result.get("instructions") or "")[:2000]
+        self.result.instructions = display_text(str(result.get("instructions") or ""), 2000)
 
     def _session_headers(self) -> dict[str, str]:
         headers = {"MCP-Protocol-Version": self.result.protocol_version}
@@ -334,10 +351,7 @@ class McpProbe:
             result = (message or {}).get("result")
             if not isinstance(result, dict) or not isinstance(result.get("tools"), list):
                 raise CheckError("protocol", "tools/list returned no tools array.")
-            for tool in result["tools"]:
-                if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
-                    raise CheckError("protocol", "tools/list returned a tool without a name.")
-                tools.append(tool)
+            tools.extend(result["tools"])
             if len(tools) > MAX_TOOLS:
                 raise CheckError("protocol", f"More than {MAX_TOOLS} tools.")
             cursor = result.get("nextCursor")
@@ -363,6 +377,8 @@ def _json(payload: bytes, method: str) -> Any:
         return json.loads(payload)
     except ValueError:
         raise CheckError("protocol", f"The answer to {method} is not valid JSON.") from None
+    except RecursionError:
+        raise CheckError("protocol", f"The answer to {method} is nested too deeply to parse.") from None
 
 
 def _sse_data(payload: bytes) -> list[str]:

@@ -1,16 +1,13 @@
 """The product's Prometheus metrics. Labels carry server ids, never URLs or users, so
-cardinality is bounded by the number of registered servers."""
+cardinality is bounded by the number of registered servers. Availability and the other health
+facts are read from the database at scrape time instead (``external_mcp.health_metrics``)."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Histogram
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
-AVAILABILITY = Gauge(
-    "external_mcp_availability", "1 healthy, 0.5 warning, 0 down, per external MCP server.", ["server_id"],
-    multiprocess_mode="mostrecent",
-)
 LATENCY = Histogram(
     "external_mcp_latency_seconds", "Latency of health checks (kind=health) and proxied calls (kind=proxy).",
     ["server_id", "kind"], buckets=LATENCY_BUCKETS,

@@ -3,14 +3,32 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime, timedelta
+from typing import Any
 
 from django.conf import settings
 from django.db import models
-from django.db.models.functions import Lower
+from django.db.models import Case, ExpressionWrapper, F, Value, When
+from django.db.models.functions import Coalesce, Lower
 from django.utils import timezone
 
+from external_mcp import staleness
 from external_mcp.choices import AuditAction, AuthType, NotificationKind, ServerStatus, ToolState, Transport
+from external_mcp.tool_names import STORED_CHARS
 from twinmcp.models import Membership, Role, Workspace
+
+
+class _Milliseconds(models.Func):
+    """An integer number of milliseconds as a duration (an interval on PostgreSQL; SQLite stores
+    durations as microseconds), so it can be added to a timestamp on both."""
+
+    output_field = models.DurationField()
+
+    def as_postgresql(self, compiler: Any, connection: Any, **extra: Any) -> Any:
+        return self.as_sql(compiler, connection, template="(%(expressions)s * INTERVAL '1 millisecond')", **extra)
+
+    def as_sqlite(self, compiler: Any, connection: Any, **extra: Any) -> Any:
+        return self.as_sql(compiler, connection, template="(%(expressions)s * 1000)", **extra)
 
 
 class ServerQuerySet(models.QuerySet["ExternalMcpServer"]):
@@ -31,6 +49,21 @@ class ServerQuerySet(models.QuerySet["ExternalMcpServer"]):
 
     def search(self, text: str) -> ServerQuerySet:
         return self.filter(models.Q(name__icontains=text) | models.Q(description__icontains=text))
+
+    def with_shown_status(self, now: datetime) -> ServerQuerySet:
+        """Annotate ``shown_status``: the recorded status, or ``stale`` (the SQL form of
+        ``external_mcp.staleness.shown_status``)."""
+        intervals, slack = staleness.grace_parts()
+        grace_ms = F("check_interval_seconds") * (intervals * 1000) + int(slack / timedelta(milliseconds=1))
+        deadline = ExpressionWrapper(Coalesce("last_checked_at", "created_at") + _Milliseconds(grace_ms),
+                                     output_field=models.DateTimeField())
+        stale = models.Q(enabled=True, stale_at__lt=now) & ~models.Q(status=ServerStatus.DISABLED)
+        return self.annotate(stale_at=deadline).annotate(shown_status=Case(
+            When(stale, then=Value(ServerStatus.STALE.value)), default=F("status"),
+            output_field=models.CharField()))
+
+    def shown_as(self, status: str, now: datetime) -> ServerQuerySet:
+        return self.with_shown_status(now).filter(shown_status=status)
 
 
 class ExternalMcpServer(models.Model):
@@ -165,10 +198,13 @@ class ToolQuerySet(models.QuerySet["ExternalMcpTool"]):
 
 
 class ExternalMcpTool(models.Model):
-    """A tool as the upstream defines it, pinned by hash: only approved definitions are callable."""
+    """A tool as the upstream defines it, pinned by hash: only approved definitions are callable.
+
+    ``name`` is the name as received when TwinMCP accepts it, else a storage key that no accepted
+    name can equal (``tool_names``); ``refusal_reason`` says why a tool cannot be approved."""
 
     server = models.ForeignKey(ExternalMcpServer, on_delete=models.CASCADE, related_name="tools")
-    name = models.CharField(max_length=200)
+    name = models.CharField(max_length=STORED_CHARS)
     title = models.CharField(max_length=300, blank=True, default="")
     description = models.TextField(blank=True, default="")
     input_schema = models.JSONField(default=dict, blank=True)
@@ -177,6 +213,7 @@ class ExternalMcpTool(models.Model):
     definition = models.JSONField(default=dict)
     definition_hash = models.CharField(max_length=64)
     state = models.CharField(max_length=16, choices=ToolState.choices, default=ToolState.PENDING)
+    refusal_reason = models.TextField(blank=True, default="")
     approved_definition = models.JSONField(null=True, blank=True)
     approved_hash = models.CharField(max_length=64, blank=True, default="")
     approved_at = models.DateTimeField(null=True, blank=True)
@@ -197,8 +234,19 @@ class ExternalMcpTool(models.Model):
         return f"{self.name} ({self.state})"
 
 
+class NotificationQuerySet(models.QuerySet["Notification"]):
+    def email_due(self, now: datetime) -> NotificationQuerySet:
+        """E-mails to send now: never sent, and due (new, backoff over, or a dead worker's lease over)."""
+        return self.filter(email_sent_at__isnull=True, email_next_attempt_at__lte=now)
+
+
 class Notification(models.Model):
-    """An in-app notification for one admin; ``dedup_key`` makes each transition notify once."""
+    """An in-app notification for one admin; ``dedup_key`` makes each transition notify once.
+
+    Its e-mail is delivered at least once and recorded as sent at most once: ``email_next_attempt_at``
+    is when it is due (null: nothing more to try), ``email_attempts`` counts claims, and a claim
+    pushes ``email_next_attempt_at`` past a lease, so the e-mail of a worker that died is due again
+    when the lease ends (``external_mcp.notifications``)."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="notifications")
@@ -213,6 +261,12 @@ class Notification(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
     read_at = models.DateTimeField(null=True, blank=True)
     email_sent_at = models.DateTimeField(null=True, blank=True)
+    email_attempts = models.PositiveSmallIntegerField(default=0)
+    email_next_attempt_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    email_last_attempt_at = models.DateTimeField(null=True, blank=True)
+    email_last_error = models.TextField(blank=True, default="")
+
+    objects = NotificationQuerySet.as_manager()
 
     class Meta:
         ordering = ["-created_at"]

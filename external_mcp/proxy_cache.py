@@ -18,10 +18,12 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import close_old_connections
 
+from external_mcp import tool_names
 from external_mcp.auth_schemes import build_scheme
 from external_mcp.choices import ServerStatus, ToolState
 from external_mcp.models import ExternalMcpServer, ExternalMcpTool
 from external_mcp.services import CredentialUnavailable, credentials_payload
+from external_mcp.storable import display_text
 from twinmcp import invalidation
 from twinmcp.apikeys import ApiKeyError, hash_key, resolve_key
 from twinmcp.flags import external_mcp_enabled
@@ -180,13 +182,20 @@ def tool_refusal(info: ServerInfo, name: str) -> str | None:
     state = info.tool_states.get(name)
     if state == ToolState.APPROVED:
         return None
+    shown = display_text(name, 80)
+    problem = tool_names.refusal(name)
+    if problem:
+        return f"Tool {shown!r} cannot be called through TwinMCP, which refuses its name: {problem}"
     reasons = {
-        None: f"Tool {name!r} is not in {info.name}'s approved catalog.",
-        ToolState.PENDING: f"Tool {name!r} is pending approval by a workspace admin.",
-        ToolState.CHANGED: f"Tool {name!r} changed its definition since it was approved; it is quarantined until "
+        None: f"Tool {shown!r} is not in {info.name}'s approved catalog.",
+        ToolState.PENDING: f"Tool {shown!r} is pending approval by a workspace admin.",
+        ToolState.CHANGED: f"Tool {shown!r} changed its definition since it was approved; it is quarantined until "
                            "an admin approves it again.",
-        ToolState.DISABLED: f"Tool {name!r} was disabled by a workspace admin.",
-        ToolState.REMOVED: f"Tool {name!r} is no longer offered by {info.name}.",
+        ToolState.REFUSED: f"Tool {shown!r} was refused by TwinMCP: {info.name} sends a definition TwinMCP cannot "
+                           "store or accept as received (the reason is on the server's page). It cannot be called "
+                           "until the server fixes it.",
+        ToolState.DISABLED: f"Tool {shown!r} was disabled by a workspace admin.",
+        ToolState.REMOVED: f"Tool {shown!r} is no longer offered by {info.name}.",
     }
     return reasons.get(state, reasons[None])
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from external_mcp import staleness, tool_names
 from external_mcp.choices import SUPPORTED_AUTH_TYPE_CHOICES, AuthType, ServerStatus, Transport
 from external_mcp.models import (
     AuditEvent,
@@ -28,18 +29,40 @@ class CredentialMetadataSerializer(serializers.ModelSerializer):
 class ServerSerializer(serializers.ModelSerializer):
     workspace = serializers.SlugRelatedField(slug_field="slug", read_only=True)
     created_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    status = serializers.SerializerMethodField(
+        help_text="The status to believe: the last check's verdict (recorded_status), or 'stale' when that check "
+                  "is too old (health checks have stopped).")
+    recorded_status = serializers.ChoiceField(
+        source="status", choices=ServerStatus.choices, read_only=True,
+        help_text="The verdict of the last recorded check (or new / disabled).")
+    stale = serializers.SerializerMethodField()
+    stale_since = serializers.SerializerMethodField(
+        help_text="When the recorded status stopped being believable; null while it is.")
     has_credentials = serializers.SerializerMethodField()
     credential = serializers.SerializerMethodField()
 
     class Meta:
         model = ExternalMcpServer
         fields = [
-            "id", "workspace", "name", "base_url", "transport", "auth_type", "status", "error_message", "enabled",
-            "description", "tags", "last_checked_at", "last_ok_at", "last_latency_ms", "consecutive_failures",
-            "check_interval_seconds", "next_check_at", "has_credentials", "credential", "created_by",
-            "created_at", "updated_at",
+            "id", "workspace", "name", "base_url", "transport", "auth_type", "status", "recorded_status", "stale",
+            "stale_since", "error_message", "enabled", "description", "tags", "last_checked_at", "last_ok_at",
+            "last_latency_ms", "consecutive_failures", "check_interval_seconds", "next_check_at", "has_credentials",
+            "credential", "created_by", "created_at", "updated_at",
         ]
         read_only_fields = fields
+
+    @extend_schema_field(serializers.ChoiceField(choices=ServerStatus.choices))
+    def get_status(self, server: ExternalMcpServer) -> str:
+        return staleness.shown_status(server)
+
+    def get_stale(self, server: ExternalMcpServer) -> bool:
+        return staleness.is_stale(server)
+
+    @extend_schema_field(serializers.DateTimeField(allow_null=True))
+    def get_stale_since(self, server: ExternalMcpServer) -> str | None:
+        if not staleness.is_stale(server):
+            return None
+        return serializers.DateTimeField().to_representation(staleness.stale_since(server))
 
     def get_has_credentials(self, server: ExternalMcpServer) -> bool:
         return server.has_credentials
@@ -110,12 +133,19 @@ class AuditEventSerializer(serializers.ModelSerializer):
 
 
 class ToolSerializer(serializers.ModelSerializer):
+    name_conforms = serializers.SerializerMethodField(
+        help_text="Whether the name follows the MCP rules (1-128 of A-Za-z0-9_.-); other names may be approved, "
+                  "but some clients refuse or rename them.")
+
     class Meta:
         model = ExternalMcpTool
-        fields = ["name", "title", "description", "input_schema", "output_schema", "annotations", "state",
-                  "definition_hash", "approved_hash", "approved_definition", "definition", "first_seen_at",
-                  "last_seen_at", "approved_at", "changed_at"]
+        fields = ["name", "name_conforms", "title", "description", "input_schema", "output_schema", "annotations",
+                  "state", "refusal_reason", "definition_hash", "approved_hash", "approved_definition", "definition",
+                  "first_seen_at", "last_seen_at", "approved_at", "changed_at"]
         read_only_fields = fields
+
+    def get_name_conforms(self, tool: ExternalMcpTool) -> bool:
+        return tool_names.conforms(tool.name)
 
 
 class ToolApproveSerializer(serializers.Serializer):

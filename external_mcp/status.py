@@ -3,16 +3,11 @@ only one records the change and notifies (healthchecks.io's pattern)."""
 
 from __future__ import annotations
 
-import contextlib
-
 from django.db import transaction
 
-from external_mcp import metrics
 from external_mcp.choices import NotificationKind, ServerStatus
 from external_mcp.models import ExternalMcpServer, StatusChange
 from external_mcp.notifications import notify_admins
-
-AVAILABILITY_VALUE = {ServerStatus.HEALTHY: 1.0, ServerStatus.WARNING: 0.5, ServerStatus.DOWN: 0.0}
 
 
 def transition(*, server: ExternalMcpServer, new: str, reason: str) -> StatusChange | None:
@@ -26,11 +21,6 @@ def transition(*, server: ExternalMcpServer, new: str, reason: str) -> StatusCha
         change = StatusChange.objects.create(server=server, old=old, new=new, reason=reason[:2000])
         server.status = new
         _notify_transition(server, change)
-    if new in AVAILABILITY_VALUE:
-        metrics.AVAILABILITY.labels(str(server.pk)).set(AVAILABILITY_VALUE[new])
-    else:
-        with contextlib.suppress(KeyError):
-            metrics.AVAILABILITY.remove(str(server.pk))
     return change
 
 

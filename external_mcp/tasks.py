@@ -23,3 +23,8 @@ def check_server(server_id: str) -> None:
 @shared_task(ignore_result=True)
 def send_notification_emails(notification_ids: list[str]) -> int:
     return notifications.send_emails(notification_ids=notification_ids)
+
+
+@shared_task(ignore_result=True)
+def email_sweep() -> int:
+    return notifications.email_sweep()

@@ -31,7 +31,7 @@ from django.utils.cache import patch_vary_headers
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_http_methods, require_POST
 
-from external_mcp import catalog, health, inbox, services
+from external_mcp import catalog, health, inbox, services, staleness, storable, tool_names
 from external_mcp.choices import STATUS_COLOURS, STATUS_SORT_ORDER, AuthType, ServerStatus, ToolState
 from external_mcp.forms import (
     CredentialsForm,
@@ -54,6 +54,7 @@ STATUS_ICONS = {
     ServerStatus.NEW: "•",
     ServerStatus.HEALTHY: "✓",
     ServerStatus.DISABLED: "–",
+    ServerStatus.STALE: "?",
 }
 # What a failed connection test means, in the words an admin looks for.
 ERROR_LABELS = {
@@ -66,9 +67,10 @@ ERROR_LABELS = {
     "dns": "Host name not found",
     "http": "Unexpected HTTP answer",
     "credentials": "Stored credentials unusable",
+    "record": "Result could not be recorded",
 }
-TOOL_STATE_ORDER = {ToolState.CHANGED: 0, ToolState.PENDING: 1, ToolState.APPROVED: 2, ToolState.DISABLED: 3,
-                    ToolState.REMOVED: 4}
+TOOL_STATE_ORDER = {ToolState.CHANGED: 0, ToolState.REFUSED: 1, ToolState.PENDING: 2, ToolState.APPROVED: 3,
+                    ToolState.DISABLED: 4, ToolState.REMOVED: 5}
 APPROVABLE_STATES = (ToolState.PENDING, ToolState.CHANGED, ToolState.DISABLED)
 EXPIRY_WARNING = timedelta(days=30)
 CHART_POINTS = 100
@@ -129,13 +131,18 @@ def badge(status: str) -> dict[str, str]:
             "icon": STATUS_ICONS[value]}
 
 
+def server_badge(server: ExternalMcpServer) -> dict[str, str]:
+    """The badge of the status to show: the recorded one, or stale when checks have stopped."""
+    return badge(staleness.shown_status(server))
+
+
 def _poll_ms() -> int:
     """How often lists refresh while visible (TWINMCP_UI_POLL_SECONDS, default 30 s)."""
     return int(float(getattr(settings, "TWINMCP_UI_POLL_SECONDS", 30)) * 1000)
 
 
 def _status_order() -> Case:
-    return Case(*[When(status=s, then=Value(o)) for s, o in STATUS_SORT_ORDER.items()],
+    return Case(*[When(shown_status=s, then=Value(o)) for s, o in STATUS_SORT_ORDER.items()],
                 default=Value(len(STATUS_SORT_ORDER)), output_field=IntegerField())
 
 
@@ -152,9 +159,11 @@ class DiffRow:
 
 
 def definition_diff(old: Any, new: Any, *, context: int = 3) -> list[DiffRow]:
-    """Rows of a line diff between two pretty-printed JSON definitions (hunks with context)."""
-    a = json.dumps(old or {}, indent=2, sort_keys=True, ensure_ascii=False).splitlines()
-    b = json.dumps(new or {}, indent=2, sort_keys=True, ensure_ascii=False).splitlines()
+    """Rows of a line diff between two pretty-printed JSON definitions (hunks with context).
+    Invisible characters (zero-width, bidirectional controls, tags) are shown, since a definition
+    can hide instructions in them."""
+    a = storable.display_text(json.dumps(old or {}, indent=2, sort_keys=True, ensure_ascii=False)).splitlines()
+    b = storable.display_text(json.dumps(new or {}, indent=2, sort_keys=True, ensure_ascii=False)).splitlines()
     rows: list[DiffRow] = []
     for group in difflib.SequenceMatcher(None, a, b, autojunk=False).get_grouped_opcodes(context):
         if rows:
@@ -173,7 +182,8 @@ def definition_diff(old: Any, new: Any, *, context: int = 3) -> list[DiffRow]:
 def _tools(server: ExternalMcpServer) -> list[ExternalMcpTool]:
     tools = sorted(server.tools.all(), key=lambda t: (TOOL_STATE_ORDER.get(t.state, 9), t.name))
     for tool in tools:
-        tool.approvable = tool.state in APPROVABLE_STATES
+        tool.approvable = tool.state in APPROVABLE_STATES and not tool.refusal_reason
+        tool.name_conforms = tool_names.conforms(tool.name)
         if tool.state == ToolState.CHANGED:
             tool.diff = definition_diff(tool.approved_definition, tool.definition)
     return tools
@@ -232,7 +242,8 @@ def server_list(request: HttpRequest) -> HttpResponse:
     require_external_mcp_page(request)
     filters = ServerFilterForm(request.GET or None)
     not_removed = ~Q(tools__state=ToolState.REMOVED)
-    servers = _servers(request).select_related("workspace").annotate(
+    now = timezone.now()
+    servers = _servers(request).select_related("workspace").with_shown_status(now).annotate(
         tool_count=Count("tools", filter=not_removed),
         pending_count=Count("tools", filter=Q(tools__state=ToolState.PENDING)),
         changed_count=Count("tools", filter=Q(tools__state=ToolState.CHANGED)),
@@ -241,7 +252,7 @@ def server_list(request: HttpRequest) -> HttpResponse:
     if filters.is_valid():
         data = filters.cleaned_data
         if data.get("status"):
-            servers = servers.filter(status=data["status"])
+            servers = servers.filter(shown_status=data["status"])
         if data.get("tag"):
             servers = servers.with_tag(data["tag"])
         if data.get("search"):
@@ -249,7 +260,7 @@ def server_list(request: HttpRequest) -> HttpResponse:
     rows = list(servers.order_by("status_order", Lower("name")))
     roles = _roles(request)
     for server in rows:
-        server.badge = badge(server.status)
+        server.badge = badge(server.shown_status)
         server.can_admin = roles.get(server.workspace_id) == Role.ADMIN
     context = {
         "servers": rows,
@@ -280,7 +291,7 @@ def _form_page(request: HttpRequest, *, server: ExternalMcpServer | None, form: 
     }
     if server is not None:
         context.update(_tools_context(request, server))
-        context["server_badge"] = badge(server.status)
+        context["server_badge"] = server_badge(server)
     partial = "auth-fields" if request.htmx and request.htmx.trigger_name == "auth_type" else None
     return _render(request, "external_mcp/server_form.html", context, partial=partial, status=status)
 
@@ -394,7 +405,7 @@ def server_test(request: HttpRequest, server_id: Any) -> HttpResponse:
             messages.error(request, f"{server.name}: {test['label']}. {test['message']} {test['hint']}".strip())
         return HttpResponseRedirect(_next_url(request, reverse("external_mcp-ui-server", args=[server.pk])))
     server = _get_server(request, server_id)
-    context.update(_tools_context(request, server, server_badge=badge(server.status),
+    context.update(_tools_context(request, server, server_badge=server_badge(server),
                                   on_detail=request.POST.get("from") == "detail"))
     return _render(request, "external_mcp/_test_result.html", context)
 
@@ -480,9 +491,11 @@ def server_rotate(request: HttpRequest, server_id: Any) -> HttpResponse:
 def _detail_page(request: HttpRequest, server: ExternalMcpServer, *, rotate_form: CredentialsForm | None = None,
                  status: int = 200) -> HttpResponse:
     can_admin = _is_admin(request, server.workspace_id)
+    stale = staleness.is_stale(server)
     context: dict[str, Any] = {
-        "server": server, "server_badge": badge(server.status), "can_admin": can_admin,
+        "server": server, "server_badge": server_badge(server), "can_admin": can_admin,
         "poll_ms": _poll_ms(),
+        "stale": {"since": staleness.stale_since(server), "recorded": badge(server.status)} if stale else None,
     }
     if _partial(request):
         return _render(request, "external_mcp/server_detail.html", context, partial="server-summary")
@@ -526,7 +539,8 @@ def notifications(request: HttpRequest) -> HttpResponse:
     if unread_only:
         rows = rows.filter(read_at__isnull=True)
     page = Paginator(rows, 50).get_page(request.GET.get("page"))
-    context = {"page": page, "notifications": page.object_list, "unread_only": unread_only}
+    context = {"page": page, "notifications": page.object_list, "unread_only": unread_only,
+               "email_max_attempts": settings.EXTERNAL_MCP_EMAIL_MAX_ATTEMPTS}
     return _render(request, "external_mcp/notifications.html", context, partial="notification-list")
 
 
@@ -538,7 +552,9 @@ def notification_read(request: HttpRequest, notification_id: Any) -> HttpRespons
     if notification is None:
         raise Http404("No such notification.")
     if _partial(request):
-        return _render(request, "external_mcp/notifications.html", {"n": notification, "oob_bell": True},
+        return _render(request, "external_mcp/notifications.html",
+                       {"n": notification, "oob_bell": True,
+                        "email_max_attempts": settings.EXTERNAL_MCP_EMAIL_MAX_ATTEMPTS},
                        partial="notification-item")
     return HttpResponseRedirect(_next_url(request, reverse("external_mcp-ui-notifications")))
 

@@ -150,15 +150,18 @@ def _default_call(request: HostileRequest) -> list[Step]:
 
 
 def mcp_handler(*, tools_list: Handler | None = None, tools_call: Handler | None = None,
-                other: Handler | None = None) -> Handler:
+                other: Handler | None = None, discover: Handler | None = None) -> Handler:
     """A stateless (2026-07-28) MCP server whose ``tools/list`` and ``tools/call`` answers are the
     given handlers' bytes. Discovery documents are 404, notifications 202; ``other`` answers any
-    other JSON-RPC method (default: an empty result)."""
+    other JSON-RPC method (default: an empty result); ``discover`` replaces the ``server/discover``
+    answer (default: a well-formed one)."""
 
     def handle(request: HostileRequest) -> Iterable[Step]:
         if request.method != "POST":
             return [http_head(404, length=0)]
         method = request.rpc_method
+        if method == "server/discover" and discover is not None:
+            return discover(request)
         if method == "server/discover":
             info = {"io.modelcontextprotocol/serverInfo": {"name": "hostile", "version": "6.6.6"}}
             return json_answer(rpc_result(request, {"supportedVersions": [MODERN_VERSION],

@@ -19,9 +19,13 @@ RULES = OPS / "prometheus-alerts.yml"
 DASHBOARD = OPS / "grafana-dashboard.json"
 RUNBOOK = ROOT / "docs" / "runbook.md"
 
-# What the product exports (external_mcp/metrics.py, usage/limiter.py) plus django-prometheus's django_*.
+# What the product exports (external_mcp/metrics.py, external_mcp/health_metrics.py, usage/limiter.py)
+# plus django-prometheus's django_*.
 EXPORTED_METRICS = {
     "external_mcp_availability",
+    "external_mcp_servers",
+    "external_mcp_health_last_check_timestamp_seconds",
+    "external_mcp_health_next_check_timestamp_seconds",
     "external_mcp_latency_seconds_bucket",
     "external_mcp_latency_seconds_count",
     "external_mcp_latency_seconds_sum",
@@ -32,7 +36,8 @@ EXPORTED_METRICS = {
     "external_mcp_quota_unavailable_total",
     "external_mcp_quota_unavailable_active",
 }
-RUNBOOK_ANCHORS = {"external-server-down", "redis-down", "proxy-slow-or-failing", "quota-complaints"}
+RUNBOOK_ANCHORS = {"external-server-down", "redis-down", "proxy-slow-or-failing", "quota-complaints",
+                   "health-checks-stopped"}
 # alert -> (severity, `for`, runbook anchor)
 EXPECTED_ALERTS = {
     "ExternalMCPHealthChecksFailing": ("critical", None, "external-server-down"),
@@ -41,6 +46,7 @@ EXPECTED_ALERTS = {
     "ExternalMCPProxyErrorRatioHigh": ("critical", "10m", "proxy-slow-or-failing"),
     "ExternalMCPProxyLatencyHigh": ("warning", "10m", "proxy-slow-or-failing"),
     "ExternalMCPQuotaUnavailable": ("warning", "1m", "redis-down"),
+    "ExternalMCPHealthChecksStopped": ("critical", None, "health-checks-stopped"),
 }
 RUNBOOK_LINK = re.compile(r"docs/runbook\.md#([\w-]+)")
 
@@ -82,11 +88,13 @@ def test_exported_metrics_list_matches_the_product():
 
     import external_mcp.metrics
     import usage.limiter
+    from external_mcp.health_metrics import HealthFactsCollector
 
     suffixes = {"counter": ["_total"], "gauge": [""], "histogram": ["_bucket", "_count", "_sum"]}
     exposed = set()
-    for collector in [*vars(external_mcp.metrics).values(), *vars(usage.limiter).values()]:
-        if isinstance(collector, MetricWrapperBase):
+    collectors = [*vars(external_mcp.metrics).values(), *vars(usage.limiter).values(), HealthFactsCollector()]
+    for collector in collectors:
+        if isinstance(collector, MetricWrapperBase | HealthFactsCollector):
             for family in collector.describe():
                 exposed.update(family.name + suffix for suffix in suffixes[family.type])
     assert exposed == EXPORTED_METRICS

@@ -109,8 +109,14 @@ def string(name: str, default: str = "") -> str:
     return _raw(name) or default
 
 
-def integer(name: str, default: int) -> int:
-    return _read(name, default, _positive_int)
+def integer(name: str, default: int, *, minimum: int = 0) -> int:
+    def parse(raw: str) -> int:
+        value = _positive_int(raw)
+        if value < minimum:
+            raise ValueError(f"expected a number >= {minimum}")
+        return value
+
+    return _read(name, default, parse)
 
 
 def boolean(name: str, default: bool) -> bool:

@@ -1,5 +1,6 @@
 """``/metrics``: every process's metrics (uvicorn workers, Celery) through prometheus_client's
-multiprocess mode when PROMETHEUS_MULTIPROC_DIR is set, behind a bearer token or an
+multiprocess mode when PROMETHEUS_MULTIPROC_DIR is set, plus the health facts read from the
+database at each scrape (``external_mcp.health_metrics``), behind a bearer token or an
 allow-listed network."""
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import os
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest, multiprocess
+
+from external_mcp.health_metrics import HealthFactsCollector
 
 
 def _allowed(request: HttpRequest) -> bool:
@@ -36,4 +39,7 @@ def metrics(request: HttpRequest) -> HttpResponse:
         multiprocess.MultiProcessCollector(registry)
     else:
         registry = REGISTRY
-    return HttpResponse(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
+    # Health facts come from the database at each scrape: true even when no check runs any more.
+    facts = CollectorRegistry(auto_describe=False)
+    facts.register(HealthFactsCollector())
+    return HttpResponse(generate_latest(registry) + generate_latest(facts), content_type=CONTENT_TYPE_LATEST)

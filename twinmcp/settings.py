@@ -193,10 +193,17 @@ CELERY_TASK_ALWAYS_EAGER = config.boolean("CELERY_TASK_ALWAYS_EAGER", False)
 CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# How often beat starts a health sweep, and re-sends notification e-mails that are due.
+EXTERNAL_MCP_HEALTH_SWEEP_SECONDS = config.integer("EXTERNAL_MCP_HEALTH_SWEEP_SECONDS", 15, minimum=1)
+EXTERNAL_MCP_EMAIL_SWEEP_SECONDS = config.integer("EXTERNAL_MCP_EMAIL_SWEEP_SECONDS", 60, minimum=1)
 CELERY_BEAT_SCHEDULE: dict[str, dict] = {
     "external-mcp-health-sweep": {
         "task": "external_mcp.tasks.health_sweep",
-        "schedule": float(config.integer("EXTERNAL_MCP_HEALTH_SWEEP_SECONDS", 15)),
+        "schedule": float(EXTERNAL_MCP_HEALTH_SWEEP_SECONDS),
+    },
+    "external-mcp-email-sweep": {
+        "task": "external_mcp.tasks.email_sweep",
+        "schedule": float(EXTERNAL_MCP_EMAIL_SWEEP_SECONDS),
     },
     # Usage (issue 6): finalise finished days (and any missed), refresh today's partial aggregates.
     "usage-aggregate": {
@@ -212,6 +219,19 @@ CELERY_BEAT_SCHEDULE: dict[str, dict] = {
 
 EMAIL_BACKEND = config.string("EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")
 DEFAULT_FROM_EMAIL = config.string("DEFAULT_FROM_EMAIL", "twinmcp@localhost")
+# The SMTP backend's server (django.core.mail.backends.smtp.EmailBackend).
+EMAIL_HOST = config.string("EMAIL_HOST", "localhost")
+EMAIL_PORT = config.integer("EMAIL_PORT", 25, minimum=1)
+EMAIL_HOST_USER = config.string("EMAIL_HOST_USER")
+EMAIL_HOST_PASSWORD = config.string("EMAIL_HOST_PASSWORD")
+EMAIL_USE_TLS = config.boolean("EMAIL_USE_TLS", False)
+EMAIL_USE_SSL = config.boolean("EMAIL_USE_SSL", False)
+# Seconds per SMTP operation: a mail server that hangs must not hold a worker (or its lease) for long.
+EMAIL_TIMEOUT = config.integer("EMAIL_TIMEOUT", 10, minimum=1)
+# Notification e-mails: a failed send is retried with exponential backoff (1 min, 2, 4 … at most 1 h)
+# up to this many attempts; a claimed e-mail whose worker died is sent again once its lease ends.
+EXTERNAL_MCP_EMAIL_MAX_ATTEMPTS = config.integer("EXTERNAL_MCP_EMAIL_MAX_ATTEMPTS", 8, minimum=1)
+EXTERNAL_MCP_EMAIL_LEASE_SECONDS = config.integer("EXTERNAL_MCP_EMAIL_LEASE_SECONDS", 300, minimum=1)
 
 # Encryption key ring for upstream credentials: the first key encrypts, all decrypt.
 TWINMCP_ENCRYPTION_KEYS = config.encryption_keys("TWINMCP_ENCRYPTION_KEYS")
@@ -257,6 +277,9 @@ EXTERNAL_MCP_HEALTH_SLOW_MS = config.integer("EXTERNAL_MCP_HEALTH_SLOW_MS", 5000
 EXTERNAL_MCP_HEALTH_DOWN_AFTER = config.integer("EXTERNAL_MCP_HEALTH_DOWN_AFTER", 3)
 EXTERNAL_MCP_HEALTH_CONCURRENCY = config.integer("EXTERNAL_MCP_HEALTH_CONCURRENCY", 100)
 EXTERNAL_MCP_HEALTH_SWEEP_LIMIT = config.integer("EXTERNAL_MCP_HEALTH_SWEEP_LIMIT", 2000)
+# A server whose last check is older than this many of its intervals (plus one sweep period and the
+# check timeout) is shown as stale: its recorded status is no longer believed (checks have stopped).
+EXTERNAL_MCP_HEALTH_STALE_INTERVALS = config.integer("EXTERNAL_MCP_HEALTH_STALE_INTERVALS", 3, minimum=1)
 
 TWINMCP_API_KEY_TOUCH_SECONDS = config.integer("TWINMCP_API_KEY_TOUCH_SECONDS", 300)
 TWINMCP_UPGRADE_URL = config.string("TWINMCP_UPGRADE_URL", "/billing/upgrade/")
