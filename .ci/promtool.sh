@@ -19,6 +19,10 @@ install_promtool() {
     echo "promtool is missing and apt-get is not available: install promtool (Prometheus 2.x) yourself" >&2
     exit 1
   fi
+  # One installer at a time on the machine: two would share (and one remove) the policy-rc.d below.
+  exec 8>/tmp/twinmcp-promtool-install.lock
+  flock -w 900 8 || { echo "timed out waiting for another promtool install" >&2; exit 1; }
+  if command -v promtool >/dev/null; then return 0; fi   # the other run installed it meanwhile
   echo "Installing promtool (Debian package prometheus)…"
   # The package's maintainer scripts would enable and start prometheus.service. A policy-rc.d that
   # exits 101 makes invoke-rc.d / deb-systemd-invoke skip the start; remove ours again afterwards.

@@ -221,7 +221,7 @@ class HostilePeer:
 
         self._thread = threading.Thread(target=run, name="hostile-peer", daemon=True)
         self._thread.start()
-        if not started.wait(10):
+        if not started.wait(30):  # only a broken start takes that long, even on a loaded machine
             raise RuntimeError("the hostile peer did not start")
         if failure:
             raise failure[0]
@@ -246,7 +246,9 @@ class HostilePeer:
             return
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(self._stopping.set)
-        self._thread.join(10)
+        self._thread.join(30)
+        if self._thread.is_alive():
+            raise RuntimeError("the hostile peer did not stop within 30 s")
         self._loop = None
 
     def __enter__(self) -> HostilePeer:

@@ -31,6 +31,7 @@ import socket
 import ssl
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -51,6 +52,7 @@ from mcp.server.lowlevel import NotificationOptions, Server
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.models import InitializationOptions
 from mcp.server.session import ServerSession
+from mcp.server.streamable_http import GET_STREAM_KEY
 from mcp.server.subscriptions import InMemorySubscriptionBus, ToolsListChanged
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.shared.exceptions import MCPError
@@ -82,6 +84,7 @@ __all__ = [
     "mtls_peer",
     "mutable_peer",
     "paginated_peer",
+    "reserve_port",
     "running",
     "server_card_peer",
     "serve_asgi",
@@ -99,8 +102,10 @@ MCP_PATH = "/mcp"
 
 SERVER_CARD_MEDIA_TYPE = "application/mcp-server-card+json"
 
-_START_TIMEOUT_S = 10.0
-_STOP_TIMEOUT_S = 10.0
+# Deadlines only a broken peer reaches: a loaded CI machine can take seconds to start a thread.
+_START_TIMEOUT_S = 30.0
+_STOP_TIMEOUT_S = 30.0
+_WAIT_TIMEOUT_S = 30.0
 # Long enough for a finished client to close cleanly, short enough that an open SSE stream
 # (an SDK client's standing GET) cannot hold a test hostage while its upstream is "going down".
 _GRACEFUL_SHUTDOWN_S = 0.5
@@ -324,8 +329,7 @@ class _TLSMaterial:
         return ctx
 
 
-def _free_socket(port: int = 0) -> socket.socket:
-    """A loopback socket bound before uvicorn starts, so the port is known (and reusable on restart)."""
+def _bound_socket(port: int = 0) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -334,6 +338,18 @@ def _free_socket(port: int = 0) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def reserve_port() -> socket.socket:
+    """A loopback port held by a bound socket that never listens: connecting to it is refused.
+
+    While it is open the kernel hands the port to no other ``bind(0)`` (nor to a plain ``bind``),
+    so nothing else on the machine — another test run included — can start answering there.
+    A listener with ``SO_REUSEADDR`` can still bind the same port beside it: that is how a peer
+    restarts on its port. Use ``reserve_port().getsockname()[1]`` for "a port nothing listens on";
+    a port picked by binding and closing a socket can be taken by anyone before it is used.
+    """
+    return _bound_socket(0)
 
 
 _LIVE_PEERS: set[RunningPeer] = set()
@@ -356,6 +372,11 @@ class RunningPeer:
     The app is rebuilt by ``app_factory`` on every start, so ``stop()`` then ``start()`` behaves
     like a real process restart on the same port: sessions are gone, the tool set is whatever
     the factory builds. ``requests`` survives restarts (``clear_requests()`` resets it).
+
+    The port is reserved (``reserve_port``) from the first start until the peer object is
+    garbage-collected: while stopped, the URL refuses connections and no other process can
+    take the port, so "the upstream is down" and "it came back on the same port" hold even
+    with other suites running on the machine.
     """
 
     def __init__(
@@ -380,6 +401,9 @@ class RunningPeer:
         self._failure: BaseException | None = None
         self._drain: _Drain | None = None
         self._lifecycle = threading.Lock()
+        self._reservation: socket.socket | None = None
+        self.stop_was_forced = False
+        """Whether the last stop had to cut requests still running after uvicorn's grace period."""
 
     # -- addresses ---------------------------------------------------------------------------
 
@@ -462,8 +486,11 @@ class RunningPeer:
         with self._lifecycle:
             if self.is_running:
                 return self
-            sock = _free_socket(self._port or 0)
-            self._port = sock.getsockname()[1]
+            if self._reservation is None:
+                reservation = self._reservation = reserve_port()
+                self._port = reservation.getsockname()[1]
+                weakref.finalize(self, reservation.close)
+            sock = _bound_socket(self.port)
             self._failure = None
             drain = self._drain = _Drain()
             try:
@@ -531,6 +558,7 @@ class RunningPeer:
                     loop.call_soon_threadsafe(drain.event.set)
                 loop.call_soon_threadsafe(server.wake)
         thread.join(_STOP_TIMEOUT_S)
+        self.stop_was_forced = thread.is_alive()
         if thread.is_alive():
             server.force_exit = True
             thread.join(_STOP_TIMEOUT_S)
@@ -582,7 +610,7 @@ class RunningPeer:
         ]
 
     async def wait_for_request(
-        self, predicate: Callable[[RecordedRequest], bool], timeout: float = 5.0
+        self, predicate: Callable[[RecordedRequest], bool], timeout: float = _WAIT_TIMEOUT_S
     ) -> RecordedRequest:
         """Wait until a recorded request matches: requests arrive on the peer's thread, not the test's."""
         deadline = time.monotonic() + timeout
@@ -732,6 +760,7 @@ def mcp_peer(
     tls: bool = False,
     name: str = "peer-default",
     server_factory: Callable[[], MCPServer | Server[Any]] | None = None,
+    uvicorn_options: Mapping[str, Any] | None = None,
 ) -> RunningPeer:
     """The general SDK peer the named variants are made of: pick response mode, state and TLS."""
     build = server_factory or (lambda: build_demo_server(name))
@@ -739,6 +768,7 @@ def mcp_peer(
         lambda _peer: _streamable_app(build(), json_response=json_response, stateless=stateless),
         name=name,
         tls=_localhost_tls() if tls else None,
+        uvicorn_options=uvicorn_options,
     )
 
 
@@ -1261,6 +1291,17 @@ class MutablePeer(RunningPeer):
     def known_sessions(self) -> list[str]:
         """Handshake-era session ids seen since the last start (announcements go to each)."""
         return list(self._tracker.sessions)
+
+    @property
+    def listening_sessions(self) -> list[str]:
+        """Sessions whose standalone GET stream is open, i.e. that an announcement reaches now.
+
+        The SDK answers the GET with 200 a moment before it registers the stream, and drops a
+        notification sent in between: wait for the session to appear here, not for the 200.
+        """
+        instances = self.server.session_manager._server_instances
+        return [session_id for session_id, transport in list(instances.items())
+                if GET_STREAM_KEY in transport._request_streams]
 
 
 def mutable_peer(*, json_response: bool = False, stateless: bool = False) -> MutablePeer:

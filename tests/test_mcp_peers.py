@@ -13,7 +13,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,6 +37,7 @@ from tests.mcp_peers import (
     garbage_peer,
     handshake_only_peer,
     json_peer,
+    mcp_peer,
     mtls_peer,
     mutable_peer,
     paginated_peer,
@@ -149,6 +150,14 @@ async def tool_names(client: Client) -> list[str]:
     return [tool.name for tool in (await client.list_tools(cache_mode="refresh")).tools]
 
 
+async def until(condition: Callable[[], object], timeout: float = 30) -> None:
+    """Wait for something another thread (a peer's loop) makes true; the deadline is only for a broken peer."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"still false after {timeout} s"
+        await asyncio.sleep(0.01)
+
+
 def text_of(result: types.CallToolResult) -> str:
     block = result.content[0]
     assert isinstance(block, types.TextContent)
@@ -175,11 +184,9 @@ def test_peer_binds_only_127_0_0_1_and_is_usable_from_a_sync_test() -> None:
     assert not peer.is_running
 
 
-def test_many_peers_run_side_by_side_and_leave_no_threads_or_ports() -> None:
+def test_many_peers_run_side_by_side_and_leave_no_threads_or_listeners() -> None:
     before = {t.name for t in threading.enumerate()}
-    started = time.monotonic()
     with running(default_peer(), json_peer(), stateless_peer(), paginated_peer(), mutable_peer()) as peers:
-        assert time.monotonic() - started < 5  # well under a second each
         ports = {peer.port for peer in peers}
         assert len(ports) == len(peers)
         assert all(peer.is_running for peer in peers)
@@ -220,6 +227,20 @@ async def test_serve_asgi_runs_any_app_with_uvicorn_tls_files(tmp_path: Path) ->
         assert peer.requests[0].path == "/anything"
 
 
+def test_a_stopped_peer_keeps_its_port_from_everyone_else() -> None:
+    peer = default_peer().start()
+    port = peer.port
+    peer.stop()
+    with pytest.raises(OSError), socket.create_connection((LOOPBACK, port), timeout=30):
+        pass
+    squatter = socket.socket()
+    with squatter, pytest.raises(OSError):  # what a server without SO_REUSEADDR would do
+        squatter.bind((LOOPBACK, port))
+    peer.start()
+    assert peer.port == port
+    peer.stop()
+
+
 async def test_stop_and_restart_on_the_same_port_loses_sessions_like_a_real_restart() -> None:
     async with default_peer() as peer, aiohttp.ClientSession() as http:
         port = peer.port
@@ -236,14 +257,16 @@ async def test_stop_and_restart_on_the_same_port_loses_sessions_like_a_real_rest
             assert "echo" in await tool_names(client)
 
 
-async def test_stopping_with_an_open_sdk_stream_is_prompt() -> None:
-    peer = await default_peer().astart()
+async def test_stopping_with_an_open_sdk_stream_ends_it_instead_of_waiting_it_out() -> None:
+    # With a grace period no test outlives, only the drain can end the standing stream in time.
+    patient = {"timeout_graceful_shutdown": 3600}
+    peer = await mcp_peer(uvicorn_options=patient).astart()
     async with Client(peer.url, mode="legacy") as client:
         await client.list_tools()
-        await peer.wait_for_request(lambda r: r.method == "GET" and r.status == 200)  # the standing SSE stream
-        started = time.monotonic()
+        stream = await peer.wait_for_request(lambda r: r.method == "GET" and r.status == 200)
         await peer.astop()
-        assert time.monotonic() - started < 1.0
+    assert not peer.stop_was_forced
+    assert not peer.is_running and stream.status == 200
 
 
 # -- default peer: both protocol eras -------------------------------------------------------
@@ -477,19 +500,16 @@ async def test_expired_tls_peer_fails_even_when_its_ca_is_trusted() -> None:
 
 
 async def test_slow_peer_accepts_the_request_but_answers_late() -> None:
-    async with slow_peer(0.6) as peer, aiohttp.ClientSession() as http:
-        with pytest.raises(TimeoutError):
-            await post(http, peer.url, initialize(), timeout=aiohttp.ClientTimeout(total=0.2))
+    async with slow_peer(3600) as peer, aiohttp.ClientSession() as http:
+        waiting = asyncio.ensure_future(post(http, peer.url, initialize()))
         recorded = await peer.wait_for_request(lambda r: r.rpc_method == "initialize")
-        assert recorded.status is None or recorded.status == 200  # received in full, answered late (or not yet)
+        assert recorded.status is None and not waiting.done()  # received in full, not answered
 
-        started = time.monotonic()
-        reply = await post(http, peer.url, initialize())
-        assert reply.status == 200 and time.monotonic() - started >= 0.55
-        peer.delay_s = 0
-        started = time.monotonic()
-        assert (await post(http, peer.url, initialize())).status == 200
-        assert time.monotonic() - started < 0.5
+        peer.delay_s = 0  # takes effect for the next request
+        assert (await post(http, peer.url, initialize(2))).status == 200
+        assert recorded.status is None and not waiting.done()
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
 
 
 @pytest.mark.parametrize(
@@ -544,18 +564,12 @@ async def test_mutable_peer_announces_tool_changes_to_handshake_era_sessions() -
 
     async with mutable_peer() as peer, Client(peer.url, mode="legacy", message_handler=on_message) as client:
         assert client.server_capabilities.tools is not None and client.server_capabilities.tools.list_changed
-        await peer.wait_for_request(lambda r: r.method == "GET" and r.status == 200)
-        for attempt in range(20):  # the GET stream's server side may register a beat after its 200
-            peer.set_tool_description("echo", f"Echo, revision {attempt}.")
-            for _ in range(10):
-                if notices:
-                    break
-                await asyncio.sleep(0.01)
-            if notices:
-                break
+        await until(lambda: peer.listening_sessions == peer.known_sessions != [])
+        peer.set_tool_description("echo", "Echo, revised.")
+        await until(lambda: notices)
         assert isinstance(notices[0], types.ToolListChangedNotification)
         listed = {t.name: t.description for t in (await client.list_tools()).tools}
-        assert listed["echo"].startswith("Echo, revision")
+        assert listed["echo"] == "Echo, revised."
 
         peer.add_tool(lambda x: x * 2, name="double", description="Double x.")
         peer.remove_tool("add")
@@ -568,7 +582,7 @@ async def test_mutable_peer_announces_tool_changes_on_2026_listen_streams() -> N
         assert "add" in await tool_names(client)
         async with client.listen(tools_list_changed=True) as subscription:
             peer.set_tool_description("add", "Adds, now with a different story.")
-            event = await asyncio.wait_for(anext(aiter(subscription)), 5)
+            event = await asyncio.wait_for(anext(aiter(subscription)), 30)
         assert type(event).__name__ == "ToolsListChanged"
         listed = {t.name: t.description for t in (await client.list_tools(cache_mode="refresh")).tools}
         assert listed["add"] == "Adds, now with a different story."

@@ -67,7 +67,7 @@ def test_close_waits_for_events_handed_over_before_it():
         pending = [asyncio.ensure_future(recorder.record(row)) for row in rows]
         await asyncio.sleep(0)  # handed over, not yet written
         await recorder.close()
-        await asyncio.wait_for(asyncio.gather(*pending), timeout=10)
+        await asyncio.wait_for(asyncio.gather(*pending), timeout=60)  # reached only if close() lost events
 
     asyncio.run(scenario())
     assert UsageEvent.objects.filter(workspace_id=workspace_id).count() == 40

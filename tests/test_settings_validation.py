@@ -13,9 +13,15 @@ ROOT = Path(__file__).resolve().parent.parent
 GOOD_KEY = "q4tv2Q6o2m0Ezn1lGkC2QhKqFhU5f8cWj1cQmX0m2Jw="
 
 
+@pytest.fixture(autouse=True)
+def _own_var_dir(tmp_path, monkeypatch):
+    """The processes' SQLite fallback and files go to this test's directory, shared with no other run."""
+    monkeypatch.setenv("TWINMCP_VAR_DIR", str(tmp_path))
+
+
 def run_check(**env: str) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL"}}
-    base.update({"DEBUG": "true", "TWINMCP_VAR_DIR": "/tmp/twinmcp-check"})
+    base.update({"DEBUG": "true"})
     base.update(env)
     return subprocess.run(
         [sys.executable, "manage.py", "check"], cwd=ROOT, env=base, capture_output=True, text=True, timeout=60
@@ -68,7 +74,7 @@ def test_good_configuration_passes():
 
 def test_asgi_start_up_refuses_bad_config():
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    env.update({"DEBUG": "true", "EXTERNAL_MCP_FREE_DAILY_LIMIT": "abc", "TWINMCP_VAR_DIR": "/tmp/twinmcp-check"})
+    env.update({"DEBUG": "true", "EXTERNAL_MCP_FREE_DAILY_LIMIT": "abc"})
     result = subprocess.run(
         [sys.executable, "-c", "import twinmcp.asgi"], cwd=ROOT, env=env, capture_output=True, text=True,
         timeout=60,

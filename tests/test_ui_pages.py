@@ -205,12 +205,19 @@ def free_limit(settings):
     return 10
 
 
-def test_no_banner_below_80_percent(admin_web, admin, free_limit):
+@pytest.fixture
+def one_day():
+    """The uses counted and the page that shows them fall on the same UTC day, even at 23:59:59."""
+    with time_machine.travel(datetime(2026, 6, 1, 15, tzinfo=UTC), tick=False):
+        yield
+
+
+def test_no_banner_below_80_percent(admin_web, admin, free_limit, one_day):
     get_limiter().consume(admin.user.pk, free_limit, 7)
     assert 'id="quota-banner"' not in html(admin_web.get("/"))
 
 
-def test_warning_banner_from_80_percent(admin_web, admin, free_limit):
+def test_warning_banner_from_80_percent(admin_web, admin, free_limit, one_day):
     get_limiter().consume(admin.user.pk, free_limit, 8)
     page = html(admin_web.get("/"))
     assert 'class="banner banner-warning"' in page and "80% of today" in page and "8 of 10" in page

@@ -13,6 +13,7 @@ from datetime import UTC, date, datetime
 import pytest
 import time_machine
 from django.core.management import CommandError, call_command
+from django.db import connections
 from django.http import StreamingHttpResponse
 from django.test import AsyncClient
 
@@ -232,6 +233,9 @@ async def test_asgi_export_streams_through_an_async_iterator(django_user_model):
     assert response.status_code == 200, response.content
     assert response.is_async  # Django would buffer a sync iterator whole under ASGI
     chunks = [chunk async for chunk in response.streaming_content]
+    # The test client keeps the view thread's connection open (it never sends request_finished to
+    # close_old_connections): close it, or it outlives the test and blocks dropping the database.
+    await sync_to_async(connections.close_all)()
     assert len(chunks) > 2  # FLUSH_ROWS rows at a time
     assert b"".join(chunks).count(b"\n") == 1_201
 

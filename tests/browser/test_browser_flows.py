@@ -13,6 +13,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+import time_machine
 from django.db import connections
 from django.utils import timezone
 
@@ -116,7 +117,7 @@ def test_add_test_approve_then_watch_the_status_change_without_reload(page, peop
         result, _ = in_thread(check, server.pk)
         assert not result.ok
         # The list refreshes itself (every second in tests, only while visible): Warning appears.
-        row.locator('[data-status="warning"]').wait_for(timeout=8_000)
+        row.locator('[data-status="warning"]').wait_for()
         assert "Warning" in row.inner_text()
         assert page.evaluate("window.__sameDocument === true")
 
@@ -174,7 +175,19 @@ def _fake_usage(group_by: str) -> dict:
     return {"count": len(rows), "next": None, "totals": totals, "results": rows}
 
 
-def test_usage_dashboard_draws_the_api_figures_and_exports_csv(page, people):
+@pytest.fixture
+def midday():
+    """Today at 12:00 UTC in this process (the live server included), with time running on.
+
+    These tests count today's quota or usage and then read it back through the pages: at a
+    real 23:59:59 UTC the reading would fall on the next day. The browser's clock stays real;
+    the pages take their days from the server."""
+    noon = timezone.now().replace(hour=12, minute=0, second=0, microsecond=0)
+    with time_machine.travel(noon, tick=True):
+        yield noon
+
+
+def test_usage_dashboard_draws_the_api_figures_and_exports_csv(page, people, midday):
     alice = people["alice"]
     server = ExternalMcpServer.objects.create(workspace=people["workspace"], name="crm",
                                               base_url="https://93.184.215.14/mcp")
@@ -220,7 +233,7 @@ def test_usage_dashboard_draws_the_api_figures_and_exports_csv(page, people):
     assert lines[0].startswith("workspace,") and len(lines) >= 2 and all("search" in line for line in lines[1:])
 
 
-def test_quota_banner_and_api_keys(page, people, settings):
+def test_quota_banner_and_api_keys(page, people, settings, midday):
     settings.EXTERNAL_MCP_FREE_DAILY_LIMIT = 5
     alice = people["alice"]
     services.profile_set_plan(user=people["bob"], code="pro")
@@ -255,15 +268,32 @@ def test_quota_banner_and_api_keys(page, people, settings):
     assert page.locator('a[href$="/edit/"]').count() == 0
     screenshot(page, "servers-member")
 
-    # Polling stops while the tab is hidden, and refreshes at once when it is shown again.
+    # Polling stops while the tab is hidden, and refreshes at once when it is shown again. The page
+    # counts its own interval ticks and every refresh a tick triggers while hidden, as they happen:
+    # nothing depends on how long the test waits or on when Playwright reports a request.
     def is_refresh(request):
         return request.headers.get("hx-request") == "true" and "/servers/" in request.url
 
-    page.evaluate("Object.defineProperty(document, 'visibilityState', {configurable: true, get: () => 'hidden'})")
-    refreshes = []
-    page.on("request", lambda request: refreshes.append(request.url) if is_refresh(request) else None)
-    page.wait_for_timeout(2_500)  # 2.5 poll intervals
-    assert refreshes == []
-    with page.expect_request(is_refresh, timeout=1_000):
+    page.add_init_script("""(() => {
+        const every = window.setInterval;
+        window.__ticks = {};
+        window.setInterval = (fn, ms, ...rest) => every(function () {
+            window.__ticks[ms] = (window.__ticks[ms] || 0) + 1;
+            return fn.apply(this, arguments);
+        }, ms, ...rest);
+    })()""")
+    page.goto("/servers/")
+    poll_ms = int(page.locator("[data-poll-interval]").get_attribute("data-poll-interval"))
+    page.evaluate("""(ms) => {
+        window.__hiddenRefreshes = 0;
+        document.addEventListener('refresh', () => {
+            if (document.visibilityState !== 'visible') window.__hiddenRefreshes += 1;
+        }, true);
+        Object.defineProperty(document, 'visibilityState', {configurable: true, get: () => 'hidden'});
+        window.__ticksWhenHidden = window.__ticks[ms] || 0;
+    }""", poll_ms)
+    page.wait_for_function("(ms) => (window.__ticks[ms] || 0) >= window.__ticksWhenHidden + 2", arg=poll_ms)
+    assert page.evaluate("window.__hiddenRefreshes") == 0
+    with page.expect_request(is_refresh):
         page.evaluate("Object.defineProperty(document, 'visibilityState', {configurable: true, get: () => 'visible'});"
                       "document.dispatchEvent(new Event('visibilitychange'))")
