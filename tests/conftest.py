@@ -114,4 +114,4 @@ def spare_redis(tmp_path):
         pytest.fail("redis-server is not installed: run the suite with `make test`.")
     server = RedisServer(tmp_path)
     yield server
-    server.stop()
+    server.close()

@@ -63,6 +63,7 @@ class GatewayProcess:
         self.extra_env = env or {}
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
+        self._reservation: socket.socket | None = None
         self.log = tempfile.NamedTemporaryFile(prefix="twinmcp-gateway-", suffix=".log", delete=False)  # noqa: SIM115
 
     @property
@@ -76,9 +77,9 @@ class GatewayProcess:
         from django.db import connection
 
         db = connection.settings_dict
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+        # Held while the gateway runs: uvicorn binds beside it (SO_REUSEADDR), nobody else can.
+        self._reservation = mcp_peers.reserve_port()
+        self.port = self._reservation.getsockname()[1]
         env = {
             **os.environ,
             "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
@@ -133,6 +134,8 @@ class GatewayProcess:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
         self.proc = None
+        if self._reservation is not None:
+            self._reservation.close()
         self.log.close()
         Path(self.log.name).unlink(missing_ok=True)
 

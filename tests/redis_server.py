@@ -3,25 +3,21 @@ test itself, by its own pid, on one loopback port, without persistence — a res
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import redis
 
+from tests.mcp_peers import reserve_port
 from usage.limiter import EPOCH_KEY
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class RedisServer:
     def __init__(self, directory: Path) -> None:
-        self.port = free_port()
+        # Held for the server's life: no other process takes the port while Redis is down.
+        self._reservation = reserve_port()
+        self.port = self._reservation.getsockname()[1]
         self.directory = directory
         self.proc: subprocess.Popen | None = None
 
@@ -56,6 +52,10 @@ class RedisServer:
             self.proc.kill()
             self.proc.wait(timeout=10)
         self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        self._reservation.close()
 
     def restart(self) -> None:
         self.stop()

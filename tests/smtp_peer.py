@@ -46,7 +46,7 @@ class SmtpPeer:
 
         self._thread = threading.Thread(target=run, name="smtp-peer", daemon=True)
         self._thread.start()
-        if not started.wait(10):
+        if not started.wait(30):
             raise RuntimeError("the SMTP peer did not start")
         return self
 
@@ -66,7 +66,7 @@ class SmtpPeer:
             return
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(self._stopping.set)
-        self._thread.join(10)
+        self._thread.join(30)
         self._loop = None
 
     def __enter__(self) -> SmtpPeer:

@@ -18,7 +18,9 @@ from tests import mcp_peers
 def _loopback_allowed(settings):
     settings.EXTERNAL_MCP_ALLOWED_PROTOCOLS = ["https", "http"]
     settings.EXTERNAL_MCP_ALLOWED_NETWORKS = ["127.0.0.1/32", "::1/128"]
-    settings.EXTERNAL_MCP_HEALTH_TIMEOUT_MS = 3000
+    # Generous: a healthy loopback peer must pass on a loaded machine. Slow is above the bound.
+    settings.EXTERNAL_MCP_HEALTH_TIMEOUT_MS = 30000
+    settings.EXTERNAL_MCP_HEALTH_SLOW_MS = 30000
 
 
 def register(admin, url: str, name: str = "up", **kwargs) -> ExternalMcpServer:
@@ -94,7 +96,7 @@ def test_untrusted_or_expired_certificate_is_a_tls_failure(admin, expired):
 
 def test_slow_server_times_out(admin, settings):
     settings.EXTERNAL_MCP_HEALTH_TIMEOUT_MS = 300
-    with mcp_peers.slow_peer(2.0) as peer:
+    with mcp_peers.slow_peer(3600) as peer:
         result, _ = check(register(admin, peer.url))
     assert result.error_class == "timeout"
 

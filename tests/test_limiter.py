@@ -13,6 +13,7 @@ import asyncio
 import logging
 import threading
 from datetime import UTC, date, datetime, timedelta, timezone
+from datetime import time as dt_time
 
 import psycopg
 import pytest
@@ -23,7 +24,7 @@ from django.db.models import QuerySet
 from django.test import override_settings
 from prometheus_client import REGISTRY
 
-from tests.redis_server import free_port
+from tests.mcp_peers import reserve_port
 from twinmcp import services
 from usage import limiter as limiter_module
 from usage.limiter import (
@@ -79,6 +80,14 @@ def skip_on_in_memory_sqlite() -> None:
             "SQLite's shared-cache in-memory test database fails concurrent writers ('table is locked') "
             "instead of waiting for them; file databases, like the demo's, serialise them"
         )
+
+
+@pytest.fixture(autouse=True)
+def _midday():
+    """Counters are per UTC day: a test that ran across midnight would split its own counts."""
+    noon = datetime.combine(datetime.now(UTC).date(), dt_time(12), tzinfo=UTC)
+    with time_machine.travel(noon, tick=True):
+        yield
 
 
 @pytest.fixture(autouse=True)
@@ -363,10 +372,12 @@ def test_redis_down_refuses_capped_calls_and_lets_uncapped_ones_through(make_lim
 
 @pytest.mark.django_db
 def test_redis_on_a_closed_port_refuses_capped_calls(make_limiter, member):
-    limiter = make_limiter(f"redis://127.0.0.1:{free_port()}/0")
+    closed = reserve_port()
+    limiter = make_limiter(f"redis://127.0.0.1:{closed.getsockname()[1]}/0")
     with pytest.raises(QuotaUnavailable):
         limiter.consume(member.user.pk, LIMIT)
     assert limiter.consume(member.user.pk, None).allowed
+    closed.close()
 
 
 @pytest.mark.django_db
@@ -392,6 +403,21 @@ def test_the_first_start_admits_at_once(make_limiter, spare_redis, member):
     assert limiter.consume(member.user.pk, 3).allowed
     epoch = QuotaEpoch.objects.get()
     assert epoch.refuse_capped_until == epoch.started_at
+
+
+@pytest.mark.django_db(transaction=True)
+def test_processes_that_find_redis_empty_together_start_one_epoch(make_limiter, spare_redis, member):
+    """Without the lock, a process that saw the first epoch's row a moment after it was written
+    took Redis's emptiness for a reset and refused capped calls for the settle time."""
+    spare_redis.start()
+    limiters = [make_limiter(spare_redis.url) for _ in range(4)]
+
+    async def together() -> list[QuotaDecision]:
+        return await asyncio.gather(*(limiters[i % 4].aconsume(member.user.pk, 100) for i in range(40)))
+
+    decisions = asyncio.run(together())
+    assert sorted(d.used for d in decisions) == list(range(1, 41))
+    assert QuotaEpoch.objects.count() == 1
 
 
 @pytest.mark.django_db(transaction=True)

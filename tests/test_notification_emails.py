@@ -13,6 +13,7 @@ from django.utils import timezone
 from external_mcp import health, notifications, services
 from external_mcp.mcp_client import CheckResult
 from external_mcp.models import ExternalMcpServer, Notification
+from tests.mcp_peers import reserve_port
 from tests.smtp_peer import SmtpPeer
 
 FAIL = CheckResult(ok=False, error_class="connect", error_message="Cannot connect.", total_ms=3)
@@ -174,11 +175,11 @@ def test_a_last_attempt_whose_worker_died_is_given_up_not_retried_for_ever(smtp,
 
 def test_a_mail_server_that_is_not_listening_is_a_retried_connection_error(notification, settings, t0):
     settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
-    with SmtpPeer() as gone:
-        port = gone.port
-    settings.EMAIL_HOST, settings.EMAIL_PORT, settings.EMAIL_TIMEOUT = "127.0.0.1", port, 5
+    closed = reserve_port()
+    settings.EMAIL_HOST, settings.EMAIL_PORT, settings.EMAIL_TIMEOUT = "127.0.0.1", closed.getsockname()[1], 5
     with at(t0):
         assert notifications.email_sweep() == 0
     failed = fresh(notification)
     assert "ConnectionRefusedError" in failed.email_last_error
     assert failed.email_next_attempt_at == t0 + timedelta(seconds=60)
+    closed.close()

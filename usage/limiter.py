@@ -34,8 +34,9 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as dt_time
@@ -46,7 +47,7 @@ import redis.asyncio
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import Error as DatabaseError
-from django.db import close_old_connections, connections, transaction
+from django.db import close_old_connections, connection, connections, transaction
 from django.db.models import F
 from prometheus_client import Counter, Gauge
 from redis.exceptions import RedisError
@@ -134,13 +135,12 @@ if used < 0 then redis.call('INCRBY', KEYS[1], -used) end
 return used
 """
 
-# KEYS: epoch marker. ARGV: settle milliseconds. The first writer sets when capped plans may be
-# admitted again (on Redis's clock); returns the milliseconds still left.
+# KEYS: epoch marker. ARGV: settle milliseconds. Sets when capped plans may be admitted again, on
+# Redis's clock (``epoch_start`` runs it once per epoch, under a lock).
 EPOCH_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('SET', KEYS[1], now + tonumber(ARGV[1]), 'NX')
-return tonumber(redis.call('GET', KEYS[1])) - now
 """
 
 _REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError)
@@ -255,19 +255,48 @@ def committed_uses(user_id: int, day: date) -> int:
     return UsageEvent.objects.counted_for(user_id=user_id, day=day).count()
 
 
-def epoch_start(now: datetime) -> int:
-    """Record a new quota epoch; return how long capped plans must wait (ms). The very first
-    epoch waits for nothing: no call was ever admitted by Redis before it."""
+# The PostgreSQL advisory lock that makes starting an epoch happen once, whoever finds Redis empty.
+EPOCH_LOCK = 0x71C0_7A02
+
+
+@contextmanager
+def _epoch_lock() -> Iterator[None]:
+    if connection.vendor != "postgresql":
+        yield
+        return
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_lock(%s)", [EPOCH_LOCK])
+    try:
+        yield
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_unlock(%s)", [EPOCH_LOCK])
+
+
+def epoch_start(client: redis.Redis, script: Any, now: datetime) -> None:
+    """Record a new quota epoch and set Redis's marker, once: processes that find Redis empty
+    together queue on a lock and all but the first find the marker set. The very first epoch
+    waits for nothing (no call was ever admitted by Redis before it); a later one refuses capped
+    plans until calls admitted before the reset have settled. The row is committed before the
+    marker is set, so a marker never exists without the row that says an epoch began."""
     from usage.models import QuotaEpoch
 
-    with transaction.atomic():
+    with _epoch_lock():
+        try:
+            if client.exists(EPOCH_KEY):
+                return
+        except _REDIS_ERRORS as exc:
+            raise _RedisDown() from exc
         first = not QuotaEpoch.objects.exists()
         wait = 0 if first else settle_seconds()
         QuotaEpoch.objects.create(started_at=now, refuse_capped_until=now + timedelta(seconds=wait))
+        try:
+            script(keys=[EPOCH_KEY], args=[wait * 1000], client=client)
+        except _REDIS_ERRORS as exc:
+            raise _RedisDown() from exc
     if not first:
         logger.warning("Redis lost the quota counters (restarted empty or flushed): capped plans get 503 for %s s "
                        "while calls admitted before settle", wait)
-    return wait * 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,7 +317,12 @@ class _Db:
     args: tuple[Any, ...]
 
 
-_Step = _Script | _Get | _Db
+@dataclass(frozen=True, slots=True)
+class _Epoch:
+    now: datetime
+
+
+_Step = _Script | _Get | _Db | _Epoch
 # A quota operation written once as the steps it needs; ``UsageLimiter`` runs it with the async
 # clients on the proxy's event loop, or with the sync ones in the caller's thread.
 Flow = Generator[_Step, Any, T]
@@ -302,8 +336,7 @@ def _consume_flow(user_id: int, limit: int | None, amount: int, now: datetime) -
         code, value = yield _Script("consume", keys, [amount, -1 if limit is None else limit, _ttl_seconds(now),
                                                        seed, _ticket_ttl()])
         if code == NO_EPOCH:
-            wait_ms = yield _Db(epoch_start, (now,))
-            yield _Script("epoch", [EPOCH_KEY], [wait_ms])
+            yield _Epoch(now)
         elif code == NEEDS_SEED:
             seed = str((yield _Db(committed_uses, (user_id, now.date()))))
         elif code == SETTLING:
@@ -473,6 +506,10 @@ class UsageLimiter:
             if isinstance(step, _Db):
                 reply = await self._in_db_worker(step.fn, *step.args)
                 continue
+            if isinstance(step, _Epoch):
+                sync_client, sync_scripts = self._sync_client()
+                await self._in_db_worker(epoch_start, sync_client, sync_scripts["epoch"], step.now)
+                continue
             if not self._redis_usable():
                 failure = _RedisDown()
                 continue
@@ -504,6 +541,9 @@ class UsageLimiter:
             reply, failure = None, None
             if isinstance(step, _Db):
                 reply = _db_call(step.fn, *step.args)
+                continue
+            if isinstance(step, _Epoch):
+                _db_call(epoch_start, client, scripts["epoch"], step.now)
                 continue
             if not self._redis_usable():
                 failure = _RedisDown()
