@@ -115,7 +115,7 @@ class Screen:
             self.problem = "it sent something that is not a JSON-RPC message"
             return None
         if self.replay:
-            return self._filter(message)
+            return filter_tools(message, self.allowed) or message
         key = id_key(message["id"])
         if key not in self.pending:
             self.problem = "it sent a response to an id this request did not send"
@@ -129,14 +129,38 @@ class Screen:
         return message
 
     def _filter(self, message: dict[str, Any]) -> dict[str, Any]:
-        """Only approved tools are visible to agents."""
-        result = message.get("result")
-        tools = result.get("tools") if isinstance(result, dict) else None
-        if not isinstance(tools, list):
-            return dict(message)  # still a copy: re-serialised, as every answer to tools/list is
-        approved = [t for t in tools if isinstance(t, dict) and isinstance(t.get("name"), str)
-                    and self.allowed(t["name"])]
-        return {**message, "result": {**result, "tools": approved}}
+        # Always a copy, so always re-serialised: the agent reads exactly what was filtered.
+        return filter_tools(message, self.allowed) or dict(message)
+
+
+def filter_tools(message: Any, allowed: Callable[[str], bool]) -> dict[str, Any] | None:
+    """The message with only approved tools if its result carries a ``tools`` list, else None."""
+    result = message.get("result") if isinstance(message, dict) else None
+    tools = result.get("tools") if isinstance(result, dict) else None
+    if not isinstance(tools, list):
+        return None
+    approved = [t for t in tools if isinstance(t, dict) and isinstance(t.get("name"), str) and allowed(t["name"])]
+    return {**message, "result": {**result, "tools": approved}}
+
+
+def error_body(body: bytes, kind: str, allowed: Callable[[str], bool]) -> bytes:
+    """The body of an error status (or of a DELETE's answer) as the upstream sent it, except
+    that no tools list in it escapes the filter, whatever a client does with such a body."""
+    if kind == "text/event-stream":
+        screen = Screen([], allowed, replay=True)
+        parser = sse.Parser()
+        events = parser.feed(body)
+        events.extend(parser.close()[0])
+        return b"".join(screen.event(event) for event in events)
+    if b'"tools"' not in body:
+        return body
+    try:
+        data = parse_json(body)
+    except ValueError:
+        return b""  # a tools list TwinMCP cannot read is one it cannot filter
+    items = data if isinstance(data, list) else [data]
+    filtered = [filter_tools(item, allowed) or item for item in items]
+    return dumps(filtered if isinstance(data, list) else filtered[0])
 
 
 def _shown(request_id: Any) -> str:

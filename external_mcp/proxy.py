@@ -35,7 +35,7 @@ from django.http.request import split_domain_port, validate_host
 from django.utils import timezone
 from mcp.shared.inbound import decode_header_value
 
-from external_mcp import metrics, sse, urlpolicy
+from external_mcp import answers, metrics, sse, urlpolicy
 from external_mcp.answers import InvalidAnswer, Reply, Screen
 from external_mcp.jsonrpc import (
     InvalidMessage,
@@ -192,6 +192,10 @@ def server_label(call: Call) -> str:
     """A server's id is a metric label only once it is known to exist in the caller's workspace:
     random or foreign ids share one label, so label sets stay bounded by the registered servers."""
     return str(call.server.id) if call.server is not None else UNKNOWN_SERVER
+
+
+def approved_by(server: ServerInfo) -> Callable[[str], bool]:
+    return lambda name: tool_refusal(server, name) is None
 
 
 def delivered(call: Call) -> dict[str, Reply]:
@@ -440,8 +444,7 @@ class McpProxy:
         if status >= 400 or call.method == "DELETE":
             await self.pass_through(call, response, out_headers, content_type)
             return
-        call.screen = Screen(call.messages, lambda name: tool_refusal(server, name) is None,
-                             replay=call.method == "GET")
+        call.screen = Screen(call.messages, approved_by(server), replay=call.method == "GET")
         if call.method == "POST" and not call.screen.pending:
             # Notifications and responses only: the spec's answer is 202 and no body; a body is not read.
             call.status = 202
@@ -477,6 +480,11 @@ class McpProxy:
             else:
                 await self.refund(call)
         body = await self.read_whole(call, response)
+        server = call.server
+        assert server is not None
+        kind = content_type.split(";")[0].strip().lower()
+        if kind in (JSON, EVENT_STREAM) and body:
+            body = answers.error_body(body, kind, approved_by(server))
         if HEADER_VALUE_RE.fullmatch(content_type):
             out_headers.append((b"content-type", content_type.encode()))
         call.status = status
@@ -556,7 +564,8 @@ class McpProxy:
             raise too_large(server) from None
         except TimeoutError:
             if post:
-                raise timed_out(server, settings.EXTERNAL_MCP_PROXY_TIMEOUT_MS / 1000) from None
+                idle = settings.EXTERNAL_MCP_PROXY_STREAM_IDLE_SECONDS
+                raise timed_out(server, min(idle, settings.EXTERNAL_MCP_PROXY_TIMEOUT_MS / 1000)) from None
             return  # an idle GET stream ends; the agent reconnects when it wants more
         except aiohttp.ClientPayloadError as exc:
             raise truncated(server, exc) from None

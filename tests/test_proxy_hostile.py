@@ -211,6 +211,20 @@ def test_ids_of_any_type_never_crash_the_pipeline_and_every_message_is_recorded(
     assert [r for r in caplog.records if getattr(r, "event", "") == "proxy_request"]
 
 
+@pytest.mark.parametrize("kind", ["application/json", "text/event-stream"])
+def test_a_tool_list_in_an_error_status_body_is_filtered_too(admin, flag_on, gateway, kind):
+    listed = {"jsonrpc": "2.0", "id": 3, "result": {"tools": [ECHO, SECRET]}}
+    body = json.dumps(listed).encode() if kind == "application/json" else sse_event(listed)
+    switch = Switch(mcp_handler())
+    with HostilePeer(switch) as peer:
+        url = proxy_url(gateway, register(admin, peer))
+        switch.hostile = mcp_handler(tools_list=lambda request: [http_head(400, content_type=kind, length=len(body)),
+                                                                 body])
+        status, _, raw = post(url, admin.raw_key, {"jsonrpc": "2.0", "id": 3, "method": "tools/list"})
+    assert status == 400
+    assert b"secret_exfiltrate" not in raw and b"echo" in raw
+
+
 # --- failure is visible and not charged: JSON answers -------------------------------------------------------
 
 FULL = json.dumps({"jsonrpc": "2.0", "id": 1, "result": {"content": [{"type": "text", "text": "y" * 200}]}}).encode()
