@@ -20,7 +20,7 @@ def parse_json(data: bytes) -> Any:
     """Strict JSON (no NaN or Infinity) nested at most MAX_JSON_DEPTH levels. Raises ValueError
     with a message naming the problem."""
     try:
-        value = json.loads(data, parse_constant=_refuse_constant)
+        value = _DECODER.decode(data.decode("utf-8"))
     except RecursionError:
         raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
     except ValueError:
@@ -36,6 +36,11 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(name)
 
 
+# Built once: ``json.loads``/``json.dumps`` with any option build a new decoder/encoder per call.
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 def _deeper_than(value: Any, limit: int) -> bool:
     stack = [(value, 1)]
     while stack:
@@ -49,7 +54,7 @@ def _deeper_than(value: Any, limit: int) -> bool:
 
 def dumps(value: Any) -> bytes:
     """Compact JSON, ASCII only: a lone surrogate an upstream sent escaped stays escaped."""
-    return json.dumps(value, separators=(",", ":")).encode()
+    return _ENCODER.encode(value).encode()
 
 
 def messages_of(body: bytes) -> tuple[list[dict[str, Any]], bool]:
@@ -90,7 +95,9 @@ def id_key(value: Any) -> str:
     peer answers the one with the other), ``1`` and ``"1"`` and ``true`` are three."""
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    if isinstance(value, dict | list):
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return json.dumps(value)
 
 
 def error_response(request_id: Any, code: int, message: str, data: dict[str, Any] | None = None) -> dict[str, Any]:

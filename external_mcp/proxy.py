@@ -689,7 +689,10 @@ class McpProxy:
                             and outcome not in (Outcome.QUOTA, Outcome.BLOCKED)),
             })
         recorder = get_recorder()
-        await asyncio.gather(*(recorder.record(row) for row in rows))
+        if len(rows) == 1:
+            await recorder.record(rows[0])
+        else:  # handed over together, so they share one commit
+            await asyncio.gather(*(recorder.record(row) for row in rows))
 
     def after(self, call: Call) -> None:
         label = server_label(call)
