@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -211,18 +212,19 @@ def test_ids_of_any_type_never_crash_the_pipeline_and_every_message_is_recorded(
     assert [r for r in caplog.records if getattr(r, "event", "") == "proxy_request"]
 
 
-@pytest.mark.parametrize("kind", ["application/json", "text/event-stream"])
-def test_a_tool_list_in_an_error_status_body_is_filtered_too(admin, flag_on, gateway, kind):
+@pytest.mark.parametrize(("status", "kind"), [(400, "application/json"), (500, "text/event-stream")])
+def test_a_tool_list_in_an_error_status_body_is_filtered_too(admin, flag_on, gateway, status, kind):
     listed = {"jsonrpc": "2.0", "id": 3, "result": {"tools": [ECHO, SECRET]}}
     body = json.dumps(listed).encode() if kind == "application/json" else sse_event(listed)
     switch = Switch(mcp_handler())
     with HostilePeer(switch) as peer:
         url = proxy_url(gateway, register(admin, peer))
-        switch.hostile = mcp_handler(tools_list=lambda request: [http_head(400, content_type=kind, length=len(body)),
-                                                                 body])
-        status, _, raw = post(url, admin.raw_key, {"jsonrpc": "2.0", "id": 3, "method": "tools/list"})
-    assert status == 400
+        head = http_head(status, content_type=kind, length=len(body))
+        switch.hostile = mcp_handler(tools_list=lambda request: [head, body])
+        got, _, raw = post(url, admin.raw_key, {"jsonrpc": "2.0", "id": 3, "method": "tools/list"})
+    assert got == status
     assert b"secret_exfiltrate" not in raw and b"echo" in raw
+    assert UsageEvent.objects.get(method="tools/list").outcome == Outcome.ERROR
 
 
 # --- failure is visible and not charged: JSON answers -------------------------------------------------------
@@ -351,6 +353,39 @@ def test_a_resumable_stream_closed_after_an_event_id_is_left_to_the_client(admin
         status, _, raw = post(url, admin.raw_key, call())
     assert status == 200 and raw == priming[1]
     assert UsageEvent.objects.get(method="tools/call").outcome == Outcome.OK
+
+
+def test_a_batch_with_one_unapproved_call_is_refused_whole_with_an_error_per_request(admin, flag_on, gateway):
+    with HostilePeer(_batch_peer) as peer:
+        url = proxy_url(gateway, register(admin, peer))
+        peer.requests.clear()
+        status, _, raw = post(url, admin.raw_key, [call("echo", 1), call("secret_exfiltrate", 2)])
+        assert peer.requests == []
+    assert status == 200
+    assert [(e["id"], e["error"]["code"]) for e in json.loads(raw)] == [(1, -32602), (2, -32602)]
+    assert [(e.outcome, e.counted) for e in UsageEvent.objects.all()] == [(Outcome.BLOCKED, False)] * 2
+    assert used(admin) == 0
+
+
+def test_a_tools_list_changed_notification_in_a_stream_queues_a_check(admin, flag_on, gateway, redis_url):
+    changed = {"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}
+    broker = redis_lib.Redis.from_url(redis_url)
+    with HostilePeer(mcp_handler(tools_call=lambda r: sse_answer(changed, rpc_result(r, {"content": []})))) as peer:
+        server = register(admin, peer)
+
+        def queued() -> list[bytes]:
+            return [m for m in broker.lrange("celery", 0, -1) if str(server.pk).encode() in m]
+
+        before = len(queued())
+        status, _, raw = post(proxy_url(gateway, server), admin.raw_key, call())
+    assert status == 200 and events_of(raw)[0] == changed
+    deadline = time.monotonic() + 10
+    while len(queued()) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    messages = queued()
+    for message in messages:
+        broker.lrem("celery", 0, message)
+    assert len(messages) == before + 1 and all(b"check_server" in m for m in messages)
 
 
 # --- the GET stream -----------------------------------------------------------------------------------------
