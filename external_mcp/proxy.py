@@ -359,7 +359,11 @@ class McpProxy:
         key = call.key = await self.authenticate(call, headers)
         server = await self.load_server(call, server_id, key)
         if call.method == "POST":
-            call.body = await self.read_body(receive)
+            timeout_s = settings.EXTERNAL_MCP_PROXY_TIMEOUT_MS / 1000
+            try:
+                call.body = await asyncio.wait_for(self.read_body(receive), timeout_s)
+            except TimeoutError:
+                raise ProxyError(408, -32600, f"The request body did not arrive within {timeout_s:g} s.") from None
             try:
                 call.messages, call.batch = messages_of(call.body)
             except InvalidMessage as exc:
@@ -605,7 +609,8 @@ class McpProxy:
         self.after(call)
         if exc is None or exc.status != 499:
             if not call.response_started:
-                await send({"type": "http.response.start", "status": call.status, "headers": call.reply_headers})
+                headers = [*call.reply_headers, (b"content-length", str(len(call.reply)).encode())]
+                await send({"type": "http.response.start", "status": call.status, "headers": headers})
             await send({"type": "http.response.body", "body": call.reply, "more_body": False})
 
     async def fail(self, call: Call, exc: ProxyError) -> None:

@@ -528,6 +528,27 @@ def test_a_url_policy_refusal_names_the_server_not_the_address(admin, flag_on, g
     assert "127.0.0.1" in lines[0].detail or "::1" in lines[0].detail
 
 
+def test_an_agent_dribbling_its_body_is_answered_408(admin, flag_on, gateway, settings):
+    settings.EXTERNAL_MCP_PROXY_TIMEOUT_MS = 500
+    with HostilePeer(mcp_handler()) as peer:
+        server = register(admin, peer)
+
+        async def dribble() -> bytes:
+            reader, writer = await asyncio.open_connection("127.0.0.1", int(gateway.base.rsplit(":", 1)[1]))
+            writer.write((f"POST /api/v1/external-mcp/{server.pk}/mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                          f"Authorization: Bearer {admin.raw_key}\r\nContent-Type: application/json\r\n"
+                          "Content-Length: 100\r\nConnection: close\r\n\r\n{").encode())
+            await writer.drain()
+            answer = await reader.read()  # the gateway answers and closes; the body never completes
+            writer.close()
+            return answer
+
+        answer = asyncio.run(dribble())
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408") and b'"code":-32600' in body  # chunked: read as bytes
+    assert UsageEvent.objects.get().outcome == Outcome.ERROR
+
+
 def test_a_method_that_is_not_a_string_is_refused_before_the_upstream(admin, flag_on, gateway):
     with HostilePeer(mcp_handler()) as peer:
         url = proxy_url(gateway, register(admin, peer))
@@ -569,7 +590,7 @@ def test_an_unexpected_failure_is_a_json_rpc_error_recorded_refunded_and_logged(
     caplog.set_level(logging.INFO, logger="external_mcp.proxy")
     with HostilePeer(mcp_handler()) as peer:
         url = proxy_url(gateway, register(admin, peer))
-        settings.EXTERNAL_MCP_PROXY_TIMEOUT_MS = "not a number"  # a fault inside the proxy, after the quota
+        settings.EXTERNAL_MCP_MAX_RESPONSE_BYTES = "not a number"  # a fault inside the proxy, after the upstream ran
         status, _, raw = post(url, admin.raw_key, call())
     assert status == 500
     error = json.loads(raw)
