@@ -23,7 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from external_mcp import urlpolicy
+from external_mcp import sse, urlpolicy
 from external_mcp.auth_schemes import AuthScheme
 from external_mcp.storable import display_text
 
@@ -246,7 +246,7 @@ class McpProbe:
         if kind == "application/json":
             messages = [_json(payload, method)]
         elif kind == "text/event-stream":
-            messages = [_json(data.encode(), method) for data in _sse_data(payload) if data.strip()]
+            messages = [_json(data.encode(), method) for data in sse.data_of(payload) if data.strip()]
         else:
             raise CheckError("protocol", f"Unexpected content type {kind or '(none)'!r} for {method}.")
         for message in itertools.chain.from_iterable(m if isinstance(m, list) else [m] for m in messages):
@@ -379,22 +379,6 @@ def _json(payload: bytes, method: str) -> Any:
         raise CheckError("protocol", f"The answer to {method} is not valid JSON.") from None
     except RecursionError:
         raise CheckError("protocol", f"The answer to {method} is nested too deeply to parse.") from None
-
-
-def _sse_data(payload: bytes) -> list[str]:
-    """The data of each event in an SSE body (multi-line data joined with newlines)."""
-    events: list[str] = []
-    lines: list[str] = []
-    for raw in payload.decode("utf-8", "replace").splitlines():
-        if raw == "":
-            if lines:
-                events.append("\n".join(lines))
-                lines = []
-        elif raw.startswith("data:"):
-            lines.append(raw[5:].removeprefix(" "))
-    if lines:
-        events.append("\n".join(lines))
-    return events
 
 
 def _ssl_reason(exc: BaseException | None) -> str:

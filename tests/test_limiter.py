@@ -341,6 +341,21 @@ async def test_a_refund_gives_an_admitted_call_back_once(make_limiter, redis_url
     assert (await limiter.apeek(user_id, 2)).used == 1
 
 
+@pytestmark_redis
+async def test_a_batch_is_refunded_in_parts_never_past_what_it_was_charged(make_limiter, redis_url, redis_client,
+                                                                            member):
+    limiter = make_limiter(redis_url)
+    user_id = member.user.pk
+    batch = await limiter.aconsume(user_id, 10, amount=4)
+    await limiter.arefund(user_id, 1, backend="redis", ticket=batch.ticket, refunded_total=1)
+    await limiter.arefund(user_id, 1, backend="redis", ticket=batch.ticket, refunded_total=1)  # asked again
+    assert (await limiter.apeek(user_id, 10)).used == 3
+    await limiter.arefund(user_id, 2, backend="redis", ticket=batch.ticket, refunded_total=3)
+    assert (await limiter.apeek(user_id, 10)).used == 1
+    await limiter.arefund(user_id, 9, backend="redis", ticket=batch.ticket, refunded_total=12)
+    assert (await limiter.apeek(user_id, 10)).used == 0
+
+
 # -- Redis faults ----------------------------------------------------------------------------------
 
 

@@ -354,13 +354,14 @@ def test_name_rebound_to_a_refused_address_is_refused_at_connection(admin, flag_
     assert status == 502 and "URL policy" in json.loads(raw)["error"]["message"]
 
 
-def test_huge_answers_are_cut_at_the_cap(admin, flag_on, gateway, settings):
+def test_an_answer_over_the_cap_is_a_json_rpc_error_not_a_cut_body(admin, flag_on, gateway, settings):
     settings.EXTERNAL_MCP_MAX_RESPONSE_BYTES = 2000
     with mcp_peers.stateless_peer() as peer:
         url = proxy_url(gateway, register(admin, peer))
         status, _, raw = asyncio.run(post(url, admin.raw_key, call("echo", {"text": "y" * 5000})))
-    assert len(raw) <= 2000 + 65536
-    assert UsageEvent.objects.get(method="tools/call").outcome == "upstream_error"
+    assert status == 502 and "larger than 2000 bytes" in json.loads(raw)["error"]["message"]
+    event = UsageEvent.objects.get(method="tools/call")
+    assert (event.outcome, event.counted) == ("upstream_error", False)
 
 
 def test_bad_requests_are_4xx(admin, flag_on, gateway, settings):

@@ -20,7 +20,10 @@ from rest_framework import parsers, serializers, status
 from rest_framework.exceptions import APIException, ParseError
 from rest_framework.utils.json import strict_constant
 
-MAX_JSON_DEPTH = 64
+MAX_JSON_DEPTH = 128
+"""How deeply JSON from outside may nest (objects and arrays): API bodies, and an agent's or an
+upstream's MCP messages in the proxy. Far below what the interpreter's recursion limit allows
+wherever the document is walked again, far above any real message (serde_json's default)."""
 
 
 class RequestTooLarge(APIException):
@@ -35,9 +38,8 @@ class RequestTooLarge(APIException):
 class JsonTooDeep(ValueError):
     """A JSON document nested deeper than the limit."""
 
-
-def _too_deep_message(max_depth: int) -> str:
-    return f"JSON nested deeper than {max_depth} levels of arrays and objects."
+    def __init__(self, max_depth: int = MAX_JSON_DEPTH) -> None:
+        super().__init__(f"JSON nested deeper than {max_depth} levels of arrays and objects.")
 
 
 def _deeper_than(value: Any, max_depth: int) -> bool:
@@ -52,15 +54,23 @@ def _deeper_than(value: Any, max_depth: int) -> bool:
     return False
 
 
+def check_depth(raw: str | bytes, value: Any, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``value``, decoded from ``raw``, unless it nests deeper than ``max_depth`` (``JsonTooDeep``).
+    A document cannot nest deeper than it has brackets: counting them (C speed) spares the walk
+    for almost every document."""
+    brackets = raw.count(b"[") + raw.count(b"{") if isinstance(raw, bytes) else raw.count("[") + raw.count("{")
+    if brackets > max_depth and isinstance(value, dict | list) and _deeper_than(value, max_depth):
+        raise JsonTooDeep(max_depth)
+    return value
+
+
 def loads(text: str | bytes, *, max_depth: int = MAX_JSON_DEPTH, **kwargs: Any) -> Any:
     """``json.loads`` that raises ``JsonTooDeep`` (a ``ValueError``) past ``max_depth`` levels."""
     try:
         value = json.loads(text, **kwargs)
     except RecursionError:
-        raise JsonTooDeep(_too_deep_message(max_depth)) from None
-    if isinstance(value, dict | list) and _deeper_than(value, max_depth):
-        raise JsonTooDeep(_too_deep_message(max_depth))
-    return value
+        raise JsonTooDeep(max_depth) from None
+    return check_depth(text, value, max_depth=max_depth)
 
 
 def read_bounded(stream: IO[bytes] | None) -> bytes:

@@ -96,8 +96,8 @@ NEEDS_SEED = -3  # no counter for this user and day: seed it from the committed 
 CONSUME_SCRIPT = """
 local done = redis.call('GET', KEYS[3])
 if done then
-  local sep = string.find(done, ':', 1, true)
-  return {tonumber(string.sub(done, 1, sep - 1)), tonumber(string.sub(done, sep + 1))}
+  local ok, used = string.match(done, '^(%d+):(%d+):')
+  return {tonumber(ok), tonumber(used)}
 end
 local ready = redis.call('GET', KEYS[2])
 if not ready then return {-1, 0} end
@@ -119,20 +119,27 @@ if limit < 0 or used + amount <= limit then
   ok = 1
 end
 if redis.call('TTL', KEYS[1]) == -1 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
-redis.call('SET', KEYS[3], ok .. ':' .. used, 'EX', ARGV[5])
+redis.call('SET', KEYS[3], ok .. ':' .. used .. ':' .. amount .. ':0', 'EX', ARGV[5])
 return {ok, used}
 """
 
-# KEYS: counter, ticket. ARGV: amount. Gives back an admitted call's uses once: the ticket goes
-# with the refund, so a refund retried after a lost reply changes nothing.
+# KEYS: counter, ticket. ARGV: how many of the call's uses are refunded in all, so far. The
+# ticket ("admitted:used:amount:refunded") remembers what was given back: a refund asked again after
+# a lost reply, or a second partial refund of the same call, gives back only the difference, and
+# never more than the call was charged.
 REFUND_SCRIPT = """
 local done = redis.call('GET', KEYS[2])
-if not done or string.sub(done, 1, 2) ~= '1:' then return -1 end
-redis.call('DEL', KEYS[2])
+if not done then return 0 end
+local ok, used, amount, refunded = string.match(done, '^(%d+):(%d+):(%d+):(%d+)$')
+if ok ~= '1' then return 0 end
+local total = math.min(tonumber(ARGV[1]), tonumber(amount))
+local give = total - tonumber(refunded)
+if give <= 0 then return 0 end
+redis.call('SET', KEYS[2], ok .. ':' .. used .. ':' .. amount .. ':' .. total, 'KEEPTTL')
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local used = redis.call('DECRBY', KEYS[1], ARGV[1])
-if used < 0 then redis.call('INCRBY', KEYS[1], -used) end
-return used
+local left = redis.call('DECRBY', KEYS[1], give)
+if left < 0 then redis.call('INCRBY', KEYS[1], -left) end
+return give
 """
 
 # KEYS: epoch marker. ARGV: settle milliseconds. Sets when capped plans may be admitted again, on
@@ -359,8 +366,8 @@ def _peek_flow(user_id: int, limit: int | None, now: datetime) -> Flow[QuotaDeci
     return _peek_decision(limit, int(raw), now, REDIS)
 
 
-def _refund_flow(user_id: int, amount: int, ticket: str, now: datetime) -> Flow[None]:
-    yield _Script("refund", [quota_key(user_id, now.date()), f"{TICKET_PREFIX}:{ticket}"], [amount])
+def _refund_flow(user_id: int, refunded_total: int, ticket: str, now: datetime) -> Flow[None]:
+    yield _Script("refund", [quota_key(user_id, now.date()), f"{TICKET_PREFIX}:{ticket}"], [refunded_total])
 
 
 class UsageLimiter:
@@ -421,14 +428,16 @@ class UsageLimiter:
             return self._undecided(limit, now, exc)
 
     async def arefund(self, user_id: int, amount: int, *, backend: str, ticket: str = "",
-                      now: datetime | None = None) -> None:
-        """Give back the uses of an admitted call that was not served (its event says
-        ``counted=False``), on the store that counted them. Best effort: a failure leaves the use
-        counted in Redis, which can only refuse more, never admit more."""
+                      refunded_total: int | None = None, now: datetime | None = None) -> None:
+        """Give back ``amount`` uses of an admitted call that were not served (their events say
+        ``counted=False``), on the store that counted them. On Redis the call's ticket keeps
+        ``refunded_total`` — all of this call's uses given back so far, ``amount`` by default — so
+        a refund asked twice gives back once. Best effort: a failure leaves the uses counted in
+        Redis, which can only refuse more, never admit more."""
         now = _utc(now)
         try:
             if backend == REDIS and self.redis_url and ticket:
-                await self._arun(_refund_flow(user_id, amount, ticket, now))
+                await self._arun(_refund_flow(user_id, refunded_total or amount, ticket, now))
             elif backend == DATABASE:
                 await self._in_db_worker(_db_refund, user_id, amount, now)
         except (_RedisDown, QuotaUnavailable) as exc:
