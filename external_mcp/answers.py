@@ -40,7 +40,7 @@ class Reply:
 
 
 class Screen:
-    def __init__(self, requests: Sequence[dict[str, Any]], allowed: Callable[[str], bool], *,
+    def __init__(self, requests: Sequence[dict[str, Any]], allowed: Callable[[dict[str, Any]], bool], *,
                  replay: bool = False) -> None:
         self.allowed = allowed
         self.replay = replay
@@ -133,17 +133,17 @@ class Screen:
         return filter_tools(message, self.allowed) or dict(message)
 
 
-def filter_tools(message: Any, allowed: Callable[[str], bool]) -> dict[str, Any] | None:
+def filter_tools(message: Any, allowed: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
     """The message with only approved tools if its result carries a ``tools`` list, else None."""
     result = message.get("result") if isinstance(message, dict) else None
     tools = result.get("tools") if isinstance(result, dict) else None
     if not isinstance(tools, list):
         return None
-    approved = [t for t in tools if isinstance(t, dict) and isinstance(t.get("name"), str) and allowed(t["name"])]
+    approved = [t for t in tools if isinstance(t, dict) and allowed(t)]
     return {**message, "result": {**result, "tools": approved}}
 
 
-def error_body(body: bytes, kind: str, allowed: Callable[[str], bool]) -> bytes:
+def error_body(body: bytes, kind: str, allowed: Callable[[dict[str, Any]], bool]) -> bytes:
     """The body of an error status (or of a DELETE's answer) as the upstream sent it, except
     that no tools list in it escapes the filter, whatever a client does with such a body."""
     if kind == "text/event-stream":

@@ -25,6 +25,7 @@ from django.utils import timezone
 
 from external_mcp.choices import NotificationKind
 from external_mcp.models import ExternalMcpServer, HealthCheck, Notification
+from external_mcp.queue import queue_emails
 from external_mcp.storable import display_text
 from twinmcp.models import Membership, Role, Workspace
 
@@ -58,17 +59,8 @@ def notify_admins(
                                                 email_sent_at__isnull=True))
     if created:
         ids = [str(n.pk) for n in created]
-        transaction.on_commit(lambda: _queue_emails(ids))
+        transaction.on_commit(lambda: queue_emails(ids))
     return created
-
-
-def _queue_emails(ids: list[str]) -> None:
-    from external_mcp.tasks import send_notification_emails
-
-    try:
-        send_notification_emails.delay(ids)
-    except Exception:  # noqa: BLE001 - the broker being down must not fail the caller; the sweep sends them
-        logger.warning("could not queue notification e-mails; the next e-mail sweep sends them")
 
 
 def backoff(attempts: int) -> timedelta:

@@ -47,7 +47,8 @@ from external_mcp.jsonrpc import (
     messages_of,
 )
 from external_mcp.mcp_client import PolicyResolver
-from external_mcp.proxy_cache import ApiKeyError, KeyInfo, ServerInfo, get_key, get_server, tool_refusal
+from external_mcp.proxy_cache import ApiKeyError, KeyInfo, ServerInfo, get_key, get_server, pinned, tool_refusal
+from external_mcp.queue import queue_check
 from twinmcp import invalidation
 from twinmcp.apikeys import parse_authorization
 from usage.limiter import QuotaUnavailable, get_limiter
@@ -162,7 +163,7 @@ class Call:
 
 
 _sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aiohttp.ClientSession] = weakref.WeakKeyDictionary()
-_list_changed_sent: dict[Any, float] = {}
+_checks_queued: dict[Any, float] = {}
 
 
 def upstream_session() -> aiohttp.ClientSession:
@@ -197,8 +198,32 @@ def server_label(call: Call) -> str:
     return str(call.server.id) if call.server is not None else UNKNOWN_SERVER
 
 
-def approved_by(server: ServerInfo) -> Callable[[str], bool]:
-    return lambda name: tool_refusal(server, name) is None
+def approved_by(server: ServerInfo) -> Callable[[dict[str, Any]], bool]:
+    """What of a tools list agents may see: approved tools, each exactly as it was approved. An
+    approved name with another definition is hidden, and the server checked at once."""
+
+    def allowed(tool: dict[str, Any]) -> bool:
+        name = tool.get("name")
+        if not isinstance(name, str) or tool_refusal(server, name) is not None:
+            return False
+        if pinned(server, tool):
+            return True
+        logger.warning("tool %r of server %s: agents were sent a definition other than the approved one; hidden",
+                       name[:200], server.id)
+        check_soon(server.id)
+        return False
+
+    return allowed
+
+
+def check_soon(server_id: Any) -> None:
+    """The upstream's tools changed, by its own word or by what it sent: check it now rather than
+    at the next sweep (at most every 30 s per server and process)."""
+    now = time.monotonic()
+    if now - _checks_queued.get(server_id, 0) < 30:
+        return
+    _checks_queued[server_id] = now
+    asyncio.get_running_loop().run_in_executor(None, queue_check, server_id)
 
 
 def delivered(call: Call) -> dict[str, Reply]:
@@ -255,8 +280,8 @@ class McpProxy:
                              headers=[(b"www-authenticate", b'Bearer realm="twinmcp"')]) from None
 
     async def load_server(self, call: Call, server_id: uuid.UUID, key: KeyInfo) -> ServerInfo:
-        server = await get_server(server_id, key.user_id)
-        if server is None or server.workspace_id != key.workspace_id or not server.flag_on:
+        server = await get_server(server_id, key)
+        if server is None or not server.flag_on:
             raise ProxyError(404, -32002, "Unknown MCP server.")
         call.server = server
         if server.disabled:
@@ -595,7 +620,8 @@ class McpProxy:
         out = b"".join(call.screen.event(event) for event in events)
         if call.screen.list_changed:
             call.screen.list_changed = False
-            self.list_changed(call)
+            if call.server is not None:
+                check_soon(call.server.id)
         if out:
             await send({"type": "http.response.body", "body": out, "more_body": True})
 
@@ -724,17 +750,6 @@ class McpProxy:
                 "outcome": call.outcome, "status": call.status, "latency_ms": round(latency, 2),
                 "detail": call.failure.detail if call.failure is not None else ""})
 
-    def list_changed(self, call: Call) -> None:
-        """The upstream says its tools changed: check it now rather than at the next sweep."""
-        server_id = call.server.id if call.server is not None else None
-        now = time.monotonic()
-        if server_id is None or now - _list_changed_sent.get(server_id, 0) < 30:
-            return
-        _list_changed_sent[server_id] = now
-        from external_mcp.tasks import check_server
-
-        asyncio.get_running_loop().run_in_executor(None, _safe_delay, check_server, str(server_id))
-
 
 _METRIC_METHODS = {"tools/call", "tools/list", "initialize", "server/discover", "notifications/initialized",
                    "resources/read", "resources/list", "prompts/get", "prompts/list", "ping", "GET", "DELETE",
@@ -757,13 +772,6 @@ async def _wait_disconnect(receive: Receive) -> None:
         message = await receive()
         if message["type"] == "http.disconnect":
             return
-
-
-def _safe_delay(task: Any, *args: Any) -> None:
-    try:
-        task.delay(*args)
-    except Exception:  # noqa: BLE001 - a hint is best effort; the sweep will find the change anyway
-        logger.warning("could not queue a check after tools/list_changed")
 
 
 proxy_app = McpProxy()

@@ -20,6 +20,7 @@ from django.db import close_old_connections
 
 from external_mcp import tool_names
 from external_mcp.auth_schemes import build_scheme
+from external_mcp.catalog import canonical_definition, definition_hash
 from external_mcp.choices import ServerStatus, ToolState
 from external_mcp.models import ExternalMcpServer, ExternalMcpTool
 from external_mcp.services import CredentialUnavailable, credentials_payload
@@ -54,6 +55,7 @@ class ServerInfo:
     ssl: ssl.SSLContext | bool = False
     credential_error: str = ""
     tool_states: dict[str, str] = field(default_factory=dict)
+    approved_hashes: dict[str, str] = field(default_factory=dict)
 
     @property
     def disabled(self) -> bool:
@@ -143,11 +145,12 @@ class _FlagRequest:
         self.META: dict[str, str] = {}
 
 
-def _load_server(server_id: Any, user_id: int) -> ServerInfo | None:
+def _load_server(server_id: Any, user_id: int, workspace_id: Any) -> ServerInfo | None:
     close_old_connections()
-    server = ExternalMcpServer.objects.select_related("credential").filter(pk=server_id).first()
+    server = (ExternalMcpServer.objects.select_related("credential")
+              .filter(pk=server_id, workspace_id=workspace_id).first())
     if server is None:
-        return None
+        return None  # unknown, or another workspace's: nothing of it is loaded, nothing decrypted
     from django.contrib.auth import get_user_model
 
     user = get_user_model().objects.get(pk=user_id)
@@ -164,17 +167,27 @@ def _load_server(server_id: Any, user_id: int) -> ServerInfo | None:
             context = scheme.ssl_context()
     except (CredentialUnavailable, ValueError, ssl.SSLError) as exc:
         error = str(exc)
-    states = dict(ExternalMcpTool.objects.filter(server=server).values_list("name", "state"))
+    tools = ExternalMcpTool.objects.filter(server=server).values_list("name", "state", "approved_hash")
     return ServerInfo(id=server.pk, workspace_id=server.workspace_id, name=server.name, base_url=server.base_url,
                       enabled=server.enabled, status=server.status, flag_on=flag_on, auth_headers=headers,
-                      ssl=context, credential_error=error, tool_states=states)
+                      ssl=context, credential_error=error, tool_states={name: state for name, state, _ in tools},
+                      approved_hashes={name: digest for name, _, digest in tools if digest})
 
 
-async def get_server(server_id: Any, user_id: int) -> ServerInfo | None:
+async def get_server(server_id: Any, key: KeyInfo) -> ServerInfo | None:
+    """The server as the key's user sees it, or None when it is not in the key's workspace."""
     return await _single_flight(
-        servers, (server_id, user_id),
-        lambda: sync_to_async(_load_server, thread_sensitive=False)(server_id, user_id),
+        servers, (server_id, key.user_id, key.workspace_id),
+        lambda: sync_to_async(_load_server, thread_sensitive=False)(server_id, key.user_id, key.workspace_id),
     )
+
+
+def pinned(info: ServerInfo, tool: dict[str, Any]) -> bool:
+    """Whether a tools/list entry is, as the upstream sends it now, the definition an admin
+    approved: an upstream that shows the health check one definition and agents another is caught
+    on the agent's own list, not only if a later check happens to see the change."""
+    name = tool.get("name")
+    return isinstance(name, str) and definition_hash(canonical_definition(tool)) == info.approved_hashes.get(name)
 
 
 def tool_refusal(info: ServerInfo, name: str) -> str | None:
@@ -200,4 +213,4 @@ def tool_refusal(info: ServerInfo, name: str) -> str | None:
     return reasons.get(state, reasons[None])
 
 
-__all__ = ["ApiKeyError", "KeyInfo", "ServerInfo", "get_key", "get_server", "tool_refusal"]
+__all__ = ["ApiKeyError", "KeyInfo", "ServerInfo", "get_key", "get_server", "pinned", "tool_refusal"]

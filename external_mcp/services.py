@@ -17,6 +17,7 @@ from external_mcp import catalog, crypto
 from external_mcp.choices import SUPPORTED_AUTH_TYPES, AuditAction, AuthType, ServerStatus, Transport
 from external_mcp.credentials import CleanCredentials, validate_credentials
 from external_mcp.models import AuditEvent, ExternalMcpCredential, ExternalMcpServer
+from external_mcp.queue import queue_check
 from external_mcp.status import transition
 from external_mcp.urlpolicy import UrlPolicyError, validate_url
 from twinmcp import invalidation
@@ -195,7 +196,7 @@ def server_create(
         raise _name_taken() from None
     _store_credentials(server=server, clean=clean, expires_at=credentials_expires_at, rotated=False)
     _audit(server=server, actor=actor, action=AuditAction.CREATE, changes={**changes, "auth_type": auth_type})
-    transaction.on_commit(lambda: _queue_check(server.pk))
+    transaction.on_commit(lambda: queue_check(server.pk))
     return server
 
 
@@ -269,7 +270,7 @@ def server_update(
     if changes:
         _audit(server=server, actor=actor, action=AuditAction.UPDATE, changes=changes)
         invalidation.announce_change()
-        transaction.on_commit(lambda: _queue_check(server.pk))
+        transaction.on_commit(lambda: queue_check(server.pk))
     return server
 
 
@@ -307,18 +308,8 @@ def credentials_rotate(
         changes["fingerprint"] = crypto.fingerprint(clean.payload)
     _audit(server=server, actor=actor, action=AuditAction.ROTATE, changes=changes)
     invalidation.announce_change()
-    transaction.on_commit(lambda: _queue_check(server.pk))
+    transaction.on_commit(lambda: queue_check(server.pk))
     return server
-
-
-def _queue_check(server_id: object) -> None:
-    """Check a server as soon as it is registered or changed, not at the next sweep."""
-    from external_mcp.tasks import check_server
-
-    try:
-        check_server.delay(str(server_id))
-    except Exception:  # noqa: BLE001 - the broker being down must not fail the write; the sweep will check
-        logger.warning("could not queue a check of %s; the next sweep will do it", server_id)
 
 
 def credentials_payload(*, server: ExternalMcpServer) -> dict[str, str] | None:

@@ -356,6 +356,23 @@ async def test_a_batch_is_refunded_in_parts_never_past_what_it_was_charged(make_
     assert (await limiter.apeek(user_id, 10)).used == 0
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_seed_on_a_worker_whose_connection_died_still_decides(make_limiter, redis_url, redis_client, member,
+                                                                 admin):
+    """The limiter's worker thread keeps its connection between the rare seeds; PostgreSQL
+    restarting (here: the connection killed) meanwhile must not refuse the next call."""
+    limiter = make_limiter(redis_url, db_workers=1)
+
+    async def first_call_of_the_day(user_id: int) -> QuotaDecision:
+        return await limiter.aconsume(user_id, LIMIT)
+
+    assert asyncio.run(first_call_of_the_day(member.user.pk)).allowed
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                       "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    assert asyncio.run(first_call_of_the_day(admin.user.pk)).allowed
+
+
 # -- Redis faults ----------------------------------------------------------------------------------
 
 

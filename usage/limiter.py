@@ -675,9 +675,14 @@ def _db_call(fn: Callable[..., T], *args: Any) -> T:
 
 def _run_in_worker(fn: Callable[..., T], *args: Any) -> T:
     """A database step on a limiter worker thread. Those threads live outside Django's request
-    cycle, so they retire broken or over-age connections themselves, as a request would."""
+    cycle, so they retire broken or over-age connections themselves, as a request would — and,
+    since their steps are rare (a counter's seed once per user and day, an epoch), check that a
+    kept connection still answers first: one that died while the thread idled (PostgreSQL
+    restarted, the connection killed) must not turn into a refused call."""
     try:
         close_old_connections()
+        if connection.connection is not None and not connection.is_usable():
+            connection.close()
         return _db_call(fn, *args)
     finally:
         close_old_connections()
