@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from datetime import time as dt_time
 
 import pytest
+import time_machine
 from rest_framework.test import APIClient
 
 from twinmcp import services
@@ -115,3 +118,12 @@ def spare_redis(tmp_path):
     server = RedisServer(tmp_path)
     yield server
     server.close()
+
+
+@pytest.fixture
+def midday():
+    """Quota counters are per UTC day: a test that ran across midnight would split its own counts.
+    Noon of today, the clock running; a gateway in this process sees the same clock."""
+    noon = datetime.combine(datetime.now(UTC).date(), dt_time(12), tzinfo=UTC)
+    with time_machine.travel(noon, tick=True):
+        yield

@@ -13,7 +13,6 @@ import asyncio
 import logging
 import threading
 from datetime import UTC, date, datetime, timedelta, timezone
-from datetime import time as dt_time
 
 import psycopg
 import pytest
@@ -41,6 +40,7 @@ from usage.limiter import (
 from usage.models import QuotaCounter, QuotaEpoch, UsageEvent
 
 LIMIT = 200
+pytestmark = pytest.mark.usefixtures("midday")
 
 
 # -- helpers and fixtures --------------------------------------------------------------------------
@@ -80,14 +80,6 @@ def skip_on_in_memory_sqlite() -> None:
             "SQLite's shared-cache in-memory test database fails concurrent writers ('table is locked') "
             "instead of waiting for them; file databases, like the demo's, serialise them"
         )
-
-
-@pytest.fixture(autouse=True)
-def _midday():
-    """Counters are per UTC day: a test that ran across midnight would split its own counts."""
-    noon = datetime.combine(datetime.now(UTC).date(), dt_time(12), tzinfo=UTC)
-    with time_machine.travel(noon, tick=True):
-        yield
 
 
 @pytest.fixture(autouse=True)

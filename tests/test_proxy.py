@@ -21,7 +21,7 @@ from twinmcp.jsonlog import JsonFormatter
 from usage.models import UsageEvent
 from usage.signals import external_mcp_usage_event
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("midday")]
 
 ACCEPT = "application/json, text/event-stream"
 
@@ -70,9 +70,12 @@ async def post(url: str, key: str | None, body: dict | list, **headers: str) -> 
 PING = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
 
 
-def wait_for(condition, timeout: float = 5.0) -> None:
+def wait_for(condition, timeout: float = 30.0) -> None:
+    """Until ``condition()`` holds; the deadline is only ever reached when the code is broken."""
     deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still not true after {timeout} s")
         time.sleep(0.05)
 
 
@@ -302,16 +305,15 @@ def test_client_disconnect_mid_stream_is_recorded(admin, flag_on, gateway):
 
         async def scenario():
             async with agent(url, admin.raw_key, mode="2026-07-28") as client:
-                task = asyncio.ensure_future(client.call_tool("slow_echo", {"text": "x", "delay_ms": 3000}))
-                await asyncio.sleep(0.5)
+                task = asyncio.ensure_future(client.call_tool("slow_echo", {"text": "x", "delay_ms": 3_600_000}))
+                await peer.wait_for_request(lambda r: r.rpc_method == "tools/call")
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
 
         asyncio.run(scenario())
         wait_for(lambda: UsageEvent.objects.filter(tool_name="slow_echo").exists())
     event = UsageEvent.objects.get(tool_name="slow_echo")
-    assert event.outcome in ("client_disconnect", "ok")
-    assert event.latency_ms < 3000 or event.outcome == "ok"
+    assert event.outcome == "client_disconnect"
 
 
 @pytest.mark.parametrize(
@@ -337,7 +339,7 @@ def test_upstream_down_is_502_and_slow_is_504(admin, flag_on, gateway, settings)
     status, _, raw = asyncio.run(post(proxy_url(gateway, server), admin.raw_key, call("echo", {"text": "x"})))
     assert status == 502 and "cannot connect" in json.loads(raw)["error"]["message"]
     settings.EXTERNAL_MCP_PROXY_TIMEOUT_MS = 300
-    with mcp_peers.slow_peer(2.0) as slow:
+    with mcp_peers.slow_peer(3600) as slow:
         server = services.server_create(workspace=admin.workspace, actor=admin.user, name="slow", base_url=slow.url)
         status, _, raw = asyncio.run(post(proxy_url(gateway, server), admin.raw_key, PING))
     assert status == 504
@@ -489,5 +491,5 @@ def test_a_change_announced_by_another_process_reaches_the_gateway(admin, flag_o
 
         assert not refused()  # still cached: nothing told this process yet
         redis_lib.Redis.from_url(redis_url).publish(invalidation.CHANNEL, b"flush")
-        wait_for(refused, timeout=3)
+        wait_for(refused)
         assert refused()

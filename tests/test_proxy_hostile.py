@@ -41,7 +41,7 @@ from twinmcp.parsers import MAX_JSON_DEPTH
 from usage.limiter import get_limiter
 from usage.models import Outcome, UsageEvent
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("midday")]
 
 ACCEPT = "application/json, text/event-stream"
 ECHO = {"name": "echo", "description": "Echo.", "inputSchema": {"type": "object"}}
