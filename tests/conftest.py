@@ -127,3 +127,35 @@ def midday():
     noon = datetime.combine(datetime.now(UTC).date(), dt_time(12), tzinfo=UTC)
     with time_machine.travel(noon, tick=True):
         yield
+
+
+@pytest.fixture
+def proxy_settings(settings, redis_url):
+    """What the tests of the live gateway share: loopback upstreams allowed, no cache between a
+    change and the next call, no quota left from an earlier test."""
+    import redis as redis_lib
+
+    from external_mcp import proxy_cache
+
+    settings.ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
+    settings.EXTERNAL_MCP_ALLOWED_PROTOCOLS = ["https", "http"]
+    settings.EXTERNAL_MCP_ALLOWED_NETWORKS = ["127.0.0.1/32", "::1/128"]
+    settings.EXTERNAL_MCP_PROXY_CACHE_SECONDS = 0
+    proxy_cache.keys.clear()
+    proxy_cache.servers.clear()
+    client = redis_lib.Redis.from_url(redis_url)
+    for key in client.scan_iter("twinmcp:quota:*"):
+        client.delete(key)
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def gateway(django_db_blocker):
+    """The real ASGI application under uvicorn in a thread of this process, for one test module."""
+    from tests.gateway import close_gateway_connections, start_gateway
+
+    peer = start_gateway()
+    yield peer
+    peer.stop()
+    with django_db_blocker.unblock():
+        close_gateway_connections()

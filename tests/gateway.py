@@ -28,6 +28,21 @@ def start_gateway() -> mcp_peers.RunningPeer:
     return mcp_peers.serve_asgi(application, name="twinmcp-gateway", path="/").start()
 
 
+def register(admin: Any, peer: Any, *, approve: bool = True, name: str = "up", **kwargs: Any) -> Any:
+    """A server registered at ``peer``, checked (the check must pass) and, by default, with every
+    tool approved: what an admin does before agents may call it."""
+    from external_mcp import catalog, health, services
+    from external_mcp.models import ExternalMcpServer
+
+    server = services.server_create(workspace=admin.workspace, actor=admin.user, name=name, base_url=peer.url,
+                                    **kwargs)
+    result, server = health.check_now(ExternalMcpServer.objects.select_related("credential").get(pk=server.pk))
+    assert result.ok, result.error_message
+    if approve:
+        catalog.tools_approve(server=server, actor=admin.user, select_all=True)
+    return server
+
+
 def proxy_url(gateway: mcp_peers.RunningPeer, server: Any) -> str:
     return f"{gateway.base}/api/v1/external-mcp/{server.pk}/mcp"
 

@@ -28,11 +28,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
+
+from tests.loopback_server import LOOPBACK, LoopbackServer
 
 __all__ = [
     "Close",
@@ -50,7 +51,6 @@ __all__ = [
     "sse_event",
 ]
 
-LOOPBACK = "127.0.0.1"
 MODERN_VERSION = "2026-07-28"
 MAX_HEADER_BYTES = 65536
 
@@ -179,18 +179,15 @@ def mcp_handler(*, tools_list: Handler | None = None, tools_call: Handler | None
     return handle
 
 
-class HostilePeer:
+class HostilePeer(LoopbackServer):
     """The server: its own thread and event loop; ``requests`` records what it received."""
 
+    name = "hostile peer"
+
     def __init__(self, handler: Handler) -> None:
+        super().__init__()
         self.handler = handler
         self.requests: list[HostileRequest] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: asyncio.Server | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping: asyncio.Event | None = None
-        self._connections: set[asyncio.Task[None]] = set()
-        self.port = 0
 
     @property
     def base(self) -> str:
@@ -203,64 +200,7 @@ class HostilePeer:
     def requests_to(self, rpc_method: str) -> list[HostileRequest]:
         return [r for r in list(self.requests) if r.rpc_method == rpc_method]
 
-    def start(self) -> HostilePeer:
-        started = threading.Event()
-        failure: list[BaseException] = []
-
-        def run() -> None:
-            loop = self._loop = asyncio.new_event_loop()
-            try:
-                loop.run_until_complete(self._open())
-            except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
-                failure.append(exc)
-                started.set()
-                return
-            started.set()
-            loop.run_until_complete(self._serve())
-            loop.close()
-
-        self._thread = threading.Thread(target=run, name="hostile-peer", daemon=True)
-        self._thread.start()
-        if not started.wait(30):  # only a broken start takes that long, even on a loaded machine
-            raise RuntimeError("the hostile peer did not start")
-        if failure:
-            raise failure[0]
-        return self
-
-    async def _open(self) -> None:
-        self._stopping = asyncio.Event()
-        self._server = await asyncio.start_server(self._connection, LOOPBACK, 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _serve(self) -> None:
-        assert self._stopping is not None and self._server is not None
-        await self._stopping.wait()
-        self._server.close()
-        for task in list(self._connections):
-            task.cancel()
-        await asyncio.gather(*self._connections, return_exceptions=True)
-        await self._server.wait_closed()
-
-    def stop(self) -> None:
-        if self._loop is None or self._stopping is None or self._thread is None:
-            return
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._stopping.set)
-        self._thread.join(30)
-        if self._thread.is_alive():
-            raise RuntimeError("the hostile peer did not stop within 30 s")
-        self._loop = None
-
-    def __enter__(self) -> HostilePeer:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections.add(task)
+    async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             request = await _read_request(reader)
             if request is None:
@@ -280,7 +220,6 @@ class HostilePeer:
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
         finally:
-            self._connections.discard(task)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()

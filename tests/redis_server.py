@@ -10,7 +10,7 @@ from pathlib import Path
 import redis
 
 from tests.mcp_peers import reserve_port
-from usage.limiter import EPOCH_KEY
+from usage.quota_redis import EPOCH_KEY
 
 
 class RedisServer:

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 from dataclasses import dataclass, field
 
-LOOPBACK = "127.0.0.1"
+from tests.loopback_server import LoopbackServer
 
 
 @dataclass
@@ -23,59 +22,16 @@ class Mail:
     data: bytes = b""
 
 
-class SmtpPeer:
+class SmtpPeer(LoopbackServer):
+    name = "SMTP peer"
+
     def __init__(self, *, refusing: bool = False) -> None:
+        super().__init__()
         self.refusing = refusing
         self.messages: list[Mail] = []
         self.connections = 0
-        self.port = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: asyncio.Server | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping: asyncio.Event | None = None
 
-    def start(self) -> SmtpPeer:
-        started = threading.Event()
-
-        def run() -> None:
-            loop = self._loop = asyncio.new_event_loop()
-            loop.run_until_complete(self._open())
-            started.set()
-            loop.run_until_complete(self._serve())
-            loop.close()
-
-        self._thread = threading.Thread(target=run, name="smtp-peer", daemon=True)
-        self._thread.start()
-        if not started.wait(30):
-            raise RuntimeError("the SMTP peer did not start")
-        return self
-
-    async def _open(self) -> None:
-        self._stopping = asyncio.Event()
-        self._server = await asyncio.start_server(self._session, LOOPBACK, 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _serve(self) -> None:
-        assert self._stopping is not None and self._server is not None
-        await self._stopping.wait()
-        self._server.close()
-        await self._server.wait_closed()
-
-    def stop(self) -> None:
-        if self._loop is None or self._stopping is None or self._thread is None:
-            return
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._stopping.set)
-        self._thread.join(30)
-        self._loop = None
-
-    def __enter__(self) -> SmtpPeer:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
 
         async def say(line: str) -> None:

@@ -12,50 +12,18 @@ import aiohttp
 import pytest
 import redis as redis_lib
 
-from external_mcp import catalog, health, proxy_cache, services
+from external_mcp import catalog, health, services
 from external_mcp.models import ExternalMcpServer
 from tests import mcp_peers
-from tests.gateway import agent, close_gateway_connections, proxy_url, start_gateway
+from tests.gateway import agent, proxy_url, register
 from twinmcp import services as core_services
 from twinmcp.jsonlog import JsonFormatter
 from usage.models import UsageEvent
 from usage.signals import external_mcp_usage_event
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("midday")]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("midday", "proxy_settings")]
 
 ACCEPT = "application/json, text/event-stream"
-
-
-@pytest.fixture(autouse=True)
-def _proxy_settings(settings, redis_url):
-    settings.ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
-    settings.EXTERNAL_MCP_ALLOWED_PROTOCOLS = ["https", "http"]
-    settings.EXTERNAL_MCP_ALLOWED_NETWORKS = ["127.0.0.1/32", "::1/128"]
-    settings.EXTERNAL_MCP_PROXY_CACHE_SECONDS = 0
-    proxy_cache.keys.clear()
-    proxy_cache.servers.clear()
-    client = redis_lib.Redis.from_url(redis_url)
-    for key in client.scan_iter("twinmcp:quota:*"):
-        client.delete(key)
-
-
-@pytest.fixture(scope="module")
-def gateway(django_db_blocker):
-    peer = start_gateway()
-    yield peer
-    peer.stop()
-    with django_db_blocker.unblock():
-        close_gateway_connections()
-
-
-def register(admin, peer, *, approve: bool = True, name: str = "up", **kwargs) -> ExternalMcpServer:
-    server = services.server_create(workspace=admin.workspace, actor=admin.user, name=name, base_url=peer.url,
-                                    **kwargs)
-    result, server = health.check_now(ExternalMcpServer.objects.select_related("credential").get(pk=server.pk))
-    assert result.ok, result.error_message
-    if approve:
-        catalog.tools_approve(server=server, actor=admin.user, select_all=True)
-    return server
 
 
 async def post(url: str, key: str | None, body: dict | list, **headers: str) -> tuple[int, Any, bytes]:

@@ -22,10 +22,9 @@ from dataclasses import dataclass, field
 import aiohttp
 import pytest
 
-from external_mcp import catalog, health, services
 from external_mcp.models import ExternalMcpServer
 from tests import mcp_peers
-from tests.gateway import GatewayProcess
+from tests.gateway import GatewayProcess, register
 from tests.redis_server import RedisServer
 from twinmcp import services as core_services
 from usage.models import UsageEvent
@@ -50,11 +49,7 @@ def upstream() -> Iterator[mcp_peers.RunningPeer]:
 
 @pytest.fixture
 def server(admin, flag_on, upstream) -> ExternalMcpServer:
-    server = services.server_create(workspace=admin.workspace, actor=admin.user, name="up", base_url=upstream.url)
-    result, server = health.check_now(ExternalMcpServer.objects.select_related("credential").get(pk=server.pk))
-    assert result.ok, result.error_message
-    catalog.tools_approve(server=server, actor=admin.user, select_all=True)
-    return server
+    return register(admin, upstream)
 
 
 @dataclass

@@ -20,8 +20,9 @@ from rest_framework.test import APIClient
 from tests.test_usage_aggregation import at, ev, make_server, store
 from twinmcp import services as core
 from usage import aggregation
-from usage.limiter import get_limiter, next_reset, quota_key
+from usage.limiter import get_limiter, next_reset
 from usage.models import UsageEvent
+from usage.quota_redis import quota_key
 
 URL = "/api/v1/external-mcp/usage"
 TODAY = date(2026, 11, 21)

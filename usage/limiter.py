@@ -53,6 +53,17 @@ from prometheus_client import Counter, Gauge
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from usage.quota_redis import (
+    EPOCH_KEY,
+    EXPIRY_GRACE_SECONDS,
+    NEEDS_SEED,
+    NO_EPOCH,
+    SETTLING,
+    quota_key,
+    ticket_key,
+)
+from usage.quota_redis import register as register_scripts
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -61,12 +72,6 @@ REDIS = "redis"
 DATABASE = "database"
 UNCOUNTED = ""  # an uncapped call let through while Redis could not count it: nothing to refund
 
-KEY_PREFIX = "twinmcp:quota"
-EPOCH_KEY = "twinmcp:quota-epoch"
-TICKET_PREFIX = "twinmcp:quota-ticket"
-# Keys outlive their day by this much, so a request that computed its key just before midnight
-# still finds the right day's counter; the UTC date in the key keeps days apart anyway.
-EXPIRY_GRACE_SECONDS = 3600
 # One attempt's socket timeout; a slow Redis gets more attempts until EXTERNAL_MCP_QUOTA_REDIS_WAIT_MS.
 REDIS_SOCKET_TIMEOUT = 0.5
 # After Redis failed, calls skip it (capped: 503 at once) for this long instead of each waiting.
@@ -85,70 +90,6 @@ UNAVAILABLE_ACTIVE = Gauge(
     "1 while this process cannot decide capped quotas (Redis unreachable or a reset settling), 0 otherwise.",
     multiprocess_mode="livemax",
 )
-
-# Results of the scripts below besides {1, used} (admitted) and {0, used} (refused).
-NO_EPOCH = -1  # Redis lost its counters (or never had them): an epoch must be started
-SETTLING = -2  # a new epoch is settling: second element = milliseconds left
-NEEDS_SEED = -3  # no counter for this user and day: seed it from the committed events
-
-# KEYS: counter, epoch marker, ticket. ARGV: amount, limit (-1 = uncapped), counter TTL (s),
-# seed ("" = none), ticket TTL (s). A decision already written under the ticket is returned as is.
-CONSUME_SCRIPT = """
-local done = redis.call('GET', KEYS[3])
-if done then
-  local ok, used = string.match(done, '^(%d+):(%d+):')
-  return {tonumber(ok), tonumber(used)}
-end
-local ready = redis.call('GET', KEYS[2])
-if not ready then return {-1, 0} end
-local used = redis.call('GET', KEYS[1])
-if not used then
-  local t = redis.call('TIME')
-  local left = tonumber(ready) - (tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
-  if left > 0 then return {-2, left} end
-  if ARGV[4] == '' then return {-3, 0} end
-  redis.call('SET', KEYS[1], ARGV[4], 'EX', ARGV[3])
-  used = ARGV[4]
-end
-used = tonumber(used)
-local amount = tonumber(ARGV[1])
-local limit = tonumber(ARGV[2])
-local ok = 0
-if limit < 0 or used + amount <= limit then
-  used = redis.call('INCRBY', KEYS[1], amount)
-  ok = 1
-end
-if redis.call('TTL', KEYS[1]) == -1 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
-redis.call('SET', KEYS[3], ok .. ':' .. used .. ':' .. amount .. ':0', 'EX', ARGV[5])
-return {ok, used}
-"""
-
-# KEYS: counter, ticket. ARGV: how many of the call's uses are refunded in all, so far. The
-# ticket ("admitted:used:amount:refunded") remembers what was given back: a refund asked again after
-# a lost reply, or a second partial refund of the same call, gives back only the difference, and
-# never more than the call was charged.
-REFUND_SCRIPT = """
-local done = redis.call('GET', KEYS[2])
-if not done then return 0 end
-local ok, used, amount, refunded = string.match(done, '^(%d+):(%d+):(%d+):(%d+)$')
-if ok ~= '1' then return 0 end
-local total = math.min(tonumber(ARGV[1]), tonumber(amount))
-local give = total - tonumber(refunded)
-if give <= 0 then return 0 end
-redis.call('SET', KEYS[2], ok .. ':' .. used .. ':' .. amount .. ':' .. total, 'KEEPTTL')
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local left = redis.call('DECRBY', KEYS[1], give)
-if left < 0 then redis.call('INCRBY', KEYS[1], -left) end
-return give
-"""
-
-# KEYS: epoch marker. ARGV: settle milliseconds. Sets when capped plans may be admitted again, on
-# Redis's clock (``epoch_start`` runs it once per epoch, under a lock).
-EPOCH_SCRIPT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('SET', KEYS[1], now + tonumber(ARGV[1]), 'NX')
-"""
 
 _REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError)
 
@@ -196,11 +137,6 @@ def _utc(now: datetime | None) -> datetime:
 def next_reset(now: datetime | None = None) -> datetime:
     """The next 00:00 UTC after ``now`` (default: the current time): when daily counters reset."""
     return datetime.combine(_utc(now).date() + timedelta(days=1), dt_time.min, tzinfo=UTC)
-
-
-def quota_key(user_id: int, day: date) -> str:
-    """The Redis key of one user's counter for one UTC day."""
-    return f"{KEY_PREFIX}:{int(user_id)}:{day.isoformat()}"
 
 
 def settle_seconds() -> int:
@@ -337,7 +273,7 @@ Flow = Generator[_Step, Any, T]
 
 def _consume_flow(user_id: int, limit: int | None, amount: int, now: datetime) -> Flow[QuotaDecision]:
     ticket = uuid.uuid4().hex
-    keys = [quota_key(user_id, now.date()), EPOCH_KEY, f"{TICKET_PREFIX}:{ticket}"]
+    keys = [quota_key(user_id, now.date()), EPOCH_KEY, ticket_key(ticket)]
     seed = ""
     for _ in range(4):
         code, value = yield _Script("consume", keys, [amount, -1 if limit is None else limit, _ttl_seconds(now),
@@ -367,7 +303,7 @@ def _peek_flow(user_id: int, limit: int | None, now: datetime) -> Flow[QuotaDeci
 
 
 def _refund_flow(user_id: int, refunded_total: int, ticket: str, now: datetime) -> Flow[None]:
-    yield _Script("refund", [quota_key(user_id, now.date()), f"{TICKET_PREFIX}:{ticket}"], [refunded_total])
+    yield _Script("refund", [quota_key(user_id, now.date()), ticket_key(ticket)], [refunded_total])
 
 
 class UsageLimiter:
@@ -579,7 +515,7 @@ class UsageLimiter:
                 if self._sync_redis is None:
                     client = redis.Redis.from_url(self.redis_url, socket_timeout=REDIS_SOCKET_TIMEOUT,
                                                   socket_connect_timeout=REDIS_SOCKET_TIMEOUT, retry=None)
-                    self._sync_redis = (client, _register(client))
+                    self._sync_redis = (client, register_scripts(client))
                 pair = self._sync_redis
         return pair
 
@@ -589,7 +525,7 @@ class UsageLimiter:
         if entry is None or entry[0] is not loop:
             client = redis.asyncio.Redis.from_url(self.redis_url, socket_timeout=REDIS_SOCKET_TIMEOUT,
                                                   socket_connect_timeout=REDIS_SOCKET_TIMEOUT, retry=None)
-            entry = (loop, client, _register(client))
+            entry = (loop, client, register_scripts(client))
             with self._lock:
                 # Forget the clients of closed loops (their connections died with the loop).
                 for key in [key for key, (other, _, _) in self._async_redis.items() if other.is_closed()]:
@@ -657,13 +593,6 @@ class _Retry:
             return pause if time.monotonic() + pause < self.deadline else None
         self.broken += 1
         return 0.0 if self.broken == 1 else None
-
-
-def _register(client: Any) -> dict[str, Any]:
-    # register_script hashes locally and calls EVALSHA; on NOSCRIPT (a restarted or flushed
-    # Redis) it loads the script and retries.
-    return {"consume": client.register_script(CONSUME_SCRIPT), "refund": client.register_script(REFUND_SCRIPT),
-            "epoch": client.register_script(EPOCH_SCRIPT)}
 
 
 def _db_call(fn: Callable[..., T], *args: Any) -> T:

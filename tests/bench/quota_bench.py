@@ -51,7 +51,8 @@ async def measure(call: Callable[[], Awaitable[object]], concurrency: int, total
 async def run() -> None:
     import redis.asyncio
 
-    from usage.limiter import CONSUME_SCRIPT, EPOCH_KEY, UsageLimiter, quota_key
+    from usage.limiter import UsageLimiter
+    from usage.quota_redis import CONSUME_SCRIPT, EPOCH_KEY, quota_key
 
     url = os.environ["REDIS_URL"]
     client = redis.asyncio.Redis.from_url(url)
