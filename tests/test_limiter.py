@@ -457,6 +457,7 @@ def test_a_redis_that_forgot_refuses_capped_calls_until_admitted_calls_settle(fa
         limiter.consume(user_id, 3)
     assert 0 < excinfo.value.retry_after <= 25
     assert "Redis lost the quota counters" in caplog.text
+    assert unavailable_active() == 1
     assert limiter.consume(admin.user.pk, None).backend == ""  # uncapped plans go on
     latest = QuotaEpoch.objects.first()
     assert latest.refuse_capped_until - latest.started_at == timedelta(seconds=25)
@@ -464,6 +465,7 @@ def test_a_redis_that_forgot_refuses_capped_calls_until_admitted_calls_settle(fa
     charge(member.user, 1)  # the running call finishes and is recorded
     spare_redis.end_settling()
     assert limiter.consume(user_id, 3).used == 3
+    assert unavailable_active() == 0
     assert limiter.consume(user_id, 3).allowed is False
 
 

@@ -346,7 +346,7 @@ class UsageLimiter:
         if not self.redis_url:
             return await self._in_db_worker(_db_consume, user_id, limit, amount, now)
         try:
-            return await self._arun(_consume_flow(user_id, limit, amount, now))
+            return self._decided(await self._arun(_consume_flow(user_id, limit, amount, now)))
         except (_RedisDown, QuotaUnavailable) as exc:
             return self._undecided(limit, now, exc)
 
@@ -359,7 +359,7 @@ class UsageLimiter:
         if not self.redis_url:
             return _db_call(_db_consume, user_id, limit, amount, now)
         try:
-            return self._run(_consume_flow(user_id, limit, amount, now))
+            return self._decided(self._run(_consume_flow(user_id, limit, amount, now)))
         except (_RedisDown, QuotaUnavailable) as exc:
             return self._undecided(limit, now, exc)
 
@@ -433,6 +433,7 @@ class UsageLimiter:
         if limit is None:
             return _decision(allowed=True, limit=None, used=0, now=now, backend=UNCOUNTED)
         UNAVAILABLE_TOTAL.inc()
+        _set_unavailable(True)
         if isinstance(exc, QuotaUnavailable):
             raise exc
         raise QuotaUnavailable("the quota store (Redis) is unavailable",
@@ -555,10 +556,14 @@ class UsageLimiter:
         return _RedisDown()
 
     def _redis_answered(self) -> None:
-        if _unavailable:
+        if self._skip_redis_until:
             self._skip_redis_until = 0.0
-            if _set_unavailable(False):
-                logger.info("Redis answers again: quota counters are back")
+
+    @staticmethod
+    def _decided(decision: QuotaDecision) -> QuotaDecision:
+        if _unavailable and _set_unavailable(False):
+            logger.info("Quotas can be decided again")
+        return decision
 
     # -- database ---------------------------------------------------------------------------------
 
