@@ -51,7 +51,7 @@ from external_mcp.proxy_cache import ApiKeyError, KeyInfo, ServerInfo, get_key, 
 from external_mcp.queue import queue_check
 from twinmcp import invalidation
 from twinmcp.apikeys import parse_authorization
-from usage.limiter import QuotaUnavailable, get_limiter
+from usage.limiter import QuotaDecision, QuotaUnavailable, get_limiter
 from usage.models import Outcome
 from usage.recorder import get_recorder
 from usage.tokens import token_counter
@@ -141,10 +141,8 @@ class Call:
     messages: list[dict[str, Any]] = field(default_factory=list)
     batch: bool = False
     counted: int = 0
-    quota_backend: str = ""
-    quota_ticket: str = ""
-    admitted: bool = False
-    """Whether the quota admitted this request's counted uses: only then are its events counted."""
+    quota: QuotaDecision | None = None
+    """The quota's admission of this request's counted uses: only then are its events counted."""
     refunded: set[int] = field(default_factory=set)
     """Indexes in ``messages`` of the counted uses given back."""
     screen: Screen | None = None
@@ -357,8 +355,7 @@ class McpProxy:
                        (b"ratelimit-remaining", str(decision.remaining or 0).encode()),
                        (b"ratelimit-reset", reset)]
         if decision.allowed:
-            call.admitted = True
-            call.quota_backend, call.quota_ticket = decision.backend, decision.ticket
+            call.quota = decision
         else:
             metrics.QUOTA_REJECTIONS.labels(server_label(call)).inc()
             raise ProxyError(
@@ -669,7 +666,7 @@ class McpProxy:
     async def refund(self, call: Call, *, keep_delivered: bool = False) -> None:
         """Give back the counted uses the agent got no answer for: all of them, unless
         ``keep_delivered``, then those whose response already reached the agent stay counted."""
-        if not call.quota_backend or call.key is None:
+        if call.quota is None or call.key is None:
             return
         counted_methods = settings.EXTERNAL_MCP_COUNTED_METHODS
         replies = delivered(call) if keep_delivered else {}
@@ -677,8 +674,7 @@ class McpProxy:
                  and i not in call.refunded and id_key(m["id"]) not in replies]
         if given:
             call.refunded.update(given)
-            await get_limiter().arefund(call.key.user_id, len(given), backend=call.quota_backend,
-                                        ticket=call.quota_ticket, refunded_total=len(call.refunded))
+            await get_limiter().arefund(call.key.user_id, call.quota, len(given), refunded_total=len(call.refunded))
 
     async def record(self, call: Call) -> None:
         """One usage event per JSON-RPC message (or one for a GET/DELETE), committed before the
@@ -723,7 +719,7 @@ class McpProxy:
                 "tokens_in": counter.count(raw_in) if raw_in else 0,
                 "tokens_out": counter.count(raw_out) if raw_out else (size_out + 3) // 4,
                 "bytes_in": len(raw_in), "bytes_out": size_out, "jsonrpc_error_code": code, "outcome": outcome,
-                "counted": (call.admitted and method in counted_methods and "id" in message
+                "counted": (call.quota is not None and method in counted_methods and "id" in message
                             and index not in call.refunded),
             })
         recorder = get_recorder()

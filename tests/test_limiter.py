@@ -317,10 +317,11 @@ async def test_a_refund_gives_an_admitted_call_back_once(make_limiter, redis_url
     admitted = await limiter.aconsume(user_id, 2)
     await limiter.aconsume(user_id, 2)
     refused = await limiter.aconsume(user_id, 2)
-    await limiter.arefund(user_id, 1, backend="redis", ticket=admitted.ticket)
-    await limiter.arefund(user_id, 1, backend="redis", ticket=admitted.ticket)  # a retried refund
-    await limiter.arefund(user_id, 1, backend="redis", ticket=refused.ticket)  # refused: nothing to give
-    await limiter.arefund(user_id, 1, backend="", ticket="")  # an uncounted call: nothing either
+    await limiter.arefund(user_id, admitted, 1)
+    await limiter.arefund(user_id, admitted, 1)  # a retried refund
+    await limiter.arefund(user_id, refused, 1)  # refused: nothing to give
+    uncounted = QuotaDecision(True, None, 0, None, admitted.reset_at, "")
+    await limiter.arefund(user_id, uncounted, 1)  # let through while Redis was down: nothing either
     assert (await limiter.apeek(user_id, 2)).used == 1
 
 
@@ -330,12 +331,12 @@ async def test_a_batch_is_refunded_in_parts_never_past_what_it_was_charged(make_
     limiter = make_limiter(redis_url)
     user_id = member.user.pk
     batch = await limiter.aconsume(user_id, 10, amount=4)
-    await limiter.arefund(user_id, 1, backend="redis", ticket=batch.ticket, refunded_total=1)
-    await limiter.arefund(user_id, 1, backend="redis", ticket=batch.ticket, refunded_total=1)  # asked again
+    await limiter.arefund(user_id, batch, 1, refunded_total=1)
+    await limiter.arefund(user_id, batch, 1, refunded_total=1)  # asked again
     assert (await limiter.apeek(user_id, 10)).used == 3
-    await limiter.arefund(user_id, 2, backend="redis", ticket=batch.ticket, refunded_total=3)
+    await limiter.arefund(user_id, batch, 2, refunded_total=3)
     assert (await limiter.apeek(user_id, 10)).used == 1
-    await limiter.arefund(user_id, 9, backend="redis", ticket=batch.ticket, refunded_total=12)
+    await limiter.arefund(user_id, batch, 9, refunded_total=12)
     assert (await limiter.apeek(user_id, 10)).used == 0
 
 
@@ -582,6 +583,22 @@ def test_counters_reset_at_midnight_utc(backend, limiter_for, member):
         assert fresh.retry_after == 86400
         # Yesterday's counter is still yesterday's.
         assert limiter.peek(user_id, LIMIT, now=datetime(2031, 3, 14, 12, tzinfo=UTC)).used == LIMIT
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("backend", ["redis", "database"])
+def test_a_refund_after_midnight_goes_back_to_the_day_that_counted(backend, limiter_for, member):
+    """A call admitted at 23:59:59 and refunded after midnight must not give the user an extra
+    call on the new day."""
+    limiter = limiter_for(backend)
+    user_id = member.user.pk
+    with time_machine.travel(datetime(2031, 3, 14, 23, 59, 59, tzinfo=UTC), tick=False):
+        late = limiter.consume(user_id, 5)
+    with time_machine.travel(datetime(2031, 3, 15, 0, 0, 1, tzinfo=UTC), tick=False):
+        assert limiter.consume(user_id, 5).used == 1
+        asyncio.run(limiter.arefund(user_id, late, 1))
+        assert limiter.peek(user_id, 5).used == 1
+        assert limiter.peek(user_id, 5, now=datetime(2031, 3, 14, 12, tzinfo=UTC)).used == 0
 
 
 @pytest.mark.django_db

@@ -124,6 +124,11 @@ class QuotaDecision:
         """Whole seconds from now until ``reset_at`` (at least 1): a Retry-After header value."""
         return max(1, math.ceil((self.reset_at - datetime.now(UTC)).total_seconds()))
 
+    @property
+    def day(self) -> date:
+        """The UTC day whose counter this decision counted on (a refund after midnight goes there)."""
+        return (self.reset_at - timedelta(days=1)).date()
+
 
 def _utc(now: datetime | None) -> datetime:
     """``now`` as an aware UTC datetime; a naive value is taken to be UTC already."""
@@ -302,8 +307,8 @@ def _peek_flow(user_id: int, limit: int | None, now: datetime) -> Flow[QuotaDeci
     return _peek_decision(limit, int(raw), now, REDIS)
 
 
-def _refund_flow(user_id: int, refunded_total: int, ticket: str, now: datetime) -> Flow[None]:
-    yield _Script("refund", [quota_key(user_id, now.date()), ticket_key(ticket)], [refunded_total])
+def _refund_flow(user_id: int, refunded_total: int, ticket: str, day: date) -> Flow[None]:
+    yield _Script("refund", [quota_key(user_id, day), ticket_key(ticket)], [refunded_total])
 
 
 class UsageLimiter:
@@ -363,19 +368,18 @@ class UsageLimiter:
         except (_RedisDown, QuotaUnavailable) as exc:
             return self._undecided(limit, now, exc)
 
-    async def arefund(self, user_id: int, amount: int, *, backend: str, ticket: str = "",
-                      refunded_total: int | None = None, now: datetime | None = None) -> None:
+    async def arefund(self, user_id: int, decision: QuotaDecision, amount: int, *,
+                      refunded_total: int | None = None) -> None:
         """Give back ``amount`` uses of an admitted call that were not served (their events say
-        ``counted=False``), on the store that counted them. On Redis the call's ticket keeps
-        ``refunded_total`` — all of this call's uses given back so far, ``amount`` by default — so
-        a refund asked twice gives back once. Best effort: a failure leaves the uses counted in
-        Redis, which can only refuse more, never admit more."""
-        now = _utc(now)
+        ``counted=False``), on the store and the day's counter that counted them. On Redis the
+        call's ticket keeps ``refunded_total`` — all of this call's uses given back so far,
+        ``amount`` by default — so a refund asked twice gives back once. Best effort: a failure
+        leaves the uses counted in Redis, which can only refuse more, never admit more."""
         try:
-            if backend == REDIS and self.redis_url and ticket:
-                await self._arun(_refund_flow(user_id, refunded_total or amount, ticket, now))
-            elif backend == DATABASE:
-                await self._in_db_worker(_db_refund, user_id, amount, now)
+            if decision.backend == REDIS and self.redis_url and decision.ticket:
+                await self._arun(_refund_flow(user_id, refunded_total or amount, decision.ticket, decision.day))
+            elif decision.backend == DATABASE:
+                await self._in_db_worker(_db_refund, user_id, amount, decision.day)
         except (_RedisDown, QuotaUnavailable) as exc:
             logger.warning("could not refund %s use(s) of user %s: %s", amount, user_id, exc)
 
@@ -644,11 +648,11 @@ def _db_consume(user_id: int, limit: int | None, amount: int, now: datetime) -> 
     return _decision(allowed=allowed, limit=limit, used=used, now=now, backend=DATABASE)
 
 
-def _db_refund(user_id: int, amount: int, now: datetime) -> None:
+def _db_refund(user_id: int, amount: int, day: date) -> None:
     from usage.models import QuotaCounter
 
-    QuotaCounter.objects.filter(user_id=user_id, day=now.date(), used__gte=amount).update(
-        used=F("used") - amount, updated_at=now)
+    QuotaCounter.objects.filter(user_id=user_id, day=day, used__gte=amount).update(
+        used=F("used") - amount, updated_at=datetime.now(UTC))
 
 
 def _db_peek(user_id: int, limit: int | None, now: datetime) -> QuotaDecision:
