@@ -152,8 +152,8 @@ def error_body(body: bytes, kind: str, allowed: Callable[[dict[str, Any]], bool]
         events = parser.feed(body)
         events.extend(parser.close()[0])
         return b"".join(screen.event(event) for event in events)
-    if b'"tools"' not in body:
-        return body
+    if b'"tools"' not in body and b"\\u" not in body:
+        return body  # a JSON "tools" key is spelt either way: as is, or with \u escapes
     try:
         data = parse_json(body)
     except ValueError:

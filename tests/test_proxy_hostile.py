@@ -201,10 +201,13 @@ def test_ids_of_any_type_never_crash_the_pipeline_and_every_message_is_recorded(
     assert [r for r in caplog.records if getattr(r, "event", "") == "proxy_request"]
 
 
-@pytest.mark.parametrize(("status", "kind"), [(400, "application/json"), (500, "text/event-stream")])
-def test_a_tool_list_in_an_error_status_body_is_filtered_too(admin, flag_on, gateway, status, kind):
+@pytest.mark.parametrize(("status", "kind", "key"), [(400, "application/json", "tools"),
+                                                     (400, "application/json", "\\u0074ools"),
+                                                     (500, "text/event-stream", "tools")])
+def test_a_tool_list_in_an_error_status_body_is_filtered_too(admin, flag_on, gateway, status, kind, key):
     listed = {"jsonrpc": "2.0", "id": 3, "result": {"tools": [ECHO, SECRET]}}
     body = json.dumps(listed).encode() if kind == "application/json" else sse_event(listed)
+    body = body.replace(b'"tools"', f'"{key}"'.encode())  # the same key, escaped or not, reads as "tools"
     switch = Switch(mcp_handler())
     with HostilePeer(switch) as peer:
         url = proxy_url(gateway, register(admin, peer, name="hostile"))
