@@ -190,7 +190,7 @@ PROXY_DESCRIPTION = (
     "GET opens the server-to-client SSE stream, DELETE ends a session. Free-plan users get "
     "EXTERNAL_MCP_FREE_DAILY_LIMIT tools/call per UTC day; beyond that: HTTP 429 with RateLimit headers and "
     "a JSON-RPC error whose data is {limit, remaining, reset_at, plan, upgrade_url}. Served by the ASGI "
-    "proxy in external_mcp/proxy.py."
+    "gateway in external_mcp/gateway/."
 )
 
 

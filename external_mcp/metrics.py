@@ -1,7 +1,7 @@
 """The product's Prometheus metrics. Labels carry server ids, never URLs or users, so
 cardinality is bounded by the number of registered servers: the proxy labels a request with a
 server's id only once it knows the server is the caller's, every other request with
-``proxy.UNKNOWN_SERVER`` (docs/architecture.md, "Metric labels"). Availability and the other
+``gateway.call.UNKNOWN_SERVER`` (docs/architecture.md, "Metric labels"). Availability and the other
 health facts are read from the database at scrape time (``external_mcp.health_metrics``)."""
 
 from __future__ import annotations

@@ -15,6 +15,6 @@ from twinmcp import config  # noqa: E402
 if config.ERRORS:
     raise ImproperlyConfigured("; ".join(message for _, message in config.ERRORS))
 
-from external_mcp.proxy import Router  # noqa: E402
+from external_mcp.gateway.router import Router  # noqa: E402
 
 application = Router(get_asgi_application())

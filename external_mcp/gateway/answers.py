@@ -17,26 +17,17 @@ carries a ``tools`` list is filtered.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from external_mcp import sse
 from external_mcp.jsonrpc import dumps, error_code, id_key, is_request, is_response, parse_json
+from usage.events import Reply
 
 LIST_CHANGED = "notifications/tools/list_changed"
 
 
 class InvalidAnswer(Exception):
     """The answer cannot be given to the agent; the message completes "the upstream's answer …"."""
-
-
-@dataclass(frozen=True)
-class Reply:
-    """One response the agent received: what the usage event records about it."""
-
-    error_code: int | None
-    size: int
-    raw: bytes
 
 
 class Screen:

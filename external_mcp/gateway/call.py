@@ -1,0 +1,69 @@
+"""One proxied HTTP request, carried through every step of the pipeline to ``settle``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from external_mcp.gateway.answers import Screen
+from external_mcp.gateway.errors import ProxyError
+from external_mcp.proxy_cache import KeyInfo, ServerInfo
+from usage.events import Reply
+from usage.limiter import QuotaDecision
+from usage.models import Outcome
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+UNKNOWN_SERVER = "unknown"
+"""The metric label of every request that names no server of the caller's workspace."""
+
+
+@dataclass
+class Call:
+    """One proxied HTTP request and what the usage events need to know about it."""
+
+    method: str
+    request_id: str
+    started: float = field(default_factory=time.perf_counter)
+    key: KeyInfo | None = None
+    server: ServerInfo | None = None
+    """Set only once the server is known to be the caller's: nothing else is recorded or labelled."""
+    body: bytes = b""
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    batch: bool = False
+    counted: int = 0
+    quota: QuotaDecision | None = None
+    """The quota's admission of this request's counted uses: only then are its events counted."""
+    refunded: set[int] = field(default_factory=set)
+    """Indexes in ``messages`` of the counted uses given back."""
+    screen: Screen | None = None
+    status: int = 0
+    upstream_status: int | None = None
+    bytes_out: int = 0
+    outcome: str = Outcome.OK
+    error_code: int | None = None
+    failure: ProxyError | None = None
+    latency_ms: float | None = None
+    response_started: bool = False
+    streaming: bool = False
+    reply_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    reply: bytes = b""
+    """What ``settle`` sends last: a whole JSON answer, or the end of an event stream."""
+
+    @property
+    def server_label(self) -> str:
+        """A server's id is a metric label only once it is known to exist in the caller's workspace:
+        random or foreign ids share one label, so label sets stay bounded by the registered servers."""
+        return str(self.server.id) if self.server is not None else UNKNOWN_SERVER
+
+    @property
+    def delivered(self) -> dict[str, Reply]:
+        """The responses that reached (or, once settled, will reach) the agent, by id key: a JSON
+        answer is all or nothing; a stream's events left as they arrived."""
+        if self.screen is None or (self.failure is not None and not self.streaming):
+            return {}
+        return self.screen.replies

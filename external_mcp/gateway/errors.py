@@ -1,0 +1,65 @@
+"""How a proxied request ends when it cannot end well: one exception, one JSON-RPC code each."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+
+from external_mcp.proxy_cache import ServerInfo
+from usage.models import Outcome
+
+
+class ProxyError(Exception):
+    """Ends a request with a JSON-RPC error. ``message`` is for the agent (never an internal
+    address); ``detail`` goes to the log line only."""
+
+    def __init__(self, status: int, code: int, message: str, *, outcome: str = Outcome.ERROR,
+                 error_class: str = "", headers: list[tuple[bytes, bytes]] | None = None,
+                 data: dict[str, Any] | None = None, detail: str = "") -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.outcome, self.error_class, self.detail = outcome, error_class, detail
+        self.headers = headers or []
+        self.data = data
+
+
+def upstream_error(server: ServerInfo, status: int, code: int, what: str, error_class: str, *,
+                   outcome: str = Outcome.UPSTREAM_ERROR, detail: str = "") -> ProxyError:
+    return ProxyError(status, code, f"{server.name}: {what}", outcome=outcome, error_class=error_class,
+                      detail=detail)
+
+
+def timed_out(server: ServerInfo, seconds: float) -> ProxyError:
+    return upstream_error(server, 504, -32014, f"the upstream did not answer within {seconds:g} s.", "timeout",
+                          outcome=Outcome.TIMEOUT)
+
+
+def truncated(server: ServerInfo, exc: BaseException) -> ProxyError:
+    return upstream_error(server, 502, -32019, "the upstream closed the connection before its answer was complete.",
+                          "truncated", detail=str(exc))
+
+
+def too_large(server: ServerInfo) -> ProxyError:
+    cap = settings.EXTERNAL_MCP_MAX_RESPONSE_BYTES
+    return upstream_error(server, 502, -32021, f"the upstream's answer is larger than {cap} bytes.", "too_large")
+
+
+def invalid_answer(server: ServerInfo, reason: str) -> ProxyError:
+    return upstream_error(server, 502, -32022, f"the upstream's answer {reason}.", "invalid_answer")
+
+
+def unanswered(server: ServerInfo, problem: str) -> ProxyError:
+    detail = f" ({problem})" if problem else ""
+    return upstream_error(server, 502, -32023,
+                          f"the upstream's event stream ended without a response to this request{detail}.",
+                          "unanswered")
+
+
+def connection_failed(server: ServerInfo, exc: BaseException) -> ProxyError:
+    return upstream_error(server, 502, -32015, f"the upstream connection failed ({type(exc).__name__}).", "connect",
+                          detail=str(exc))
+
+
+def client_disconnected(message: str = "Client disconnected.") -> ProxyError:
+    return ProxyError(499, -32000, message, outcome=Outcome.CLIENT_DISCONNECT)
