@@ -384,8 +384,10 @@ def test_get_stream_and_delete_pass_through(admin, flag_on, gateway):
     assert stream_status == 200 and stream_type.startswith("text/event-stream")
     assert delete_status == 200 and after_delete == 404
     assert upstream_session_ids == {session_id}
-    methods = set(UsageEvent.objects.values_list("method", flat=True))
-    assert {"GET", "DELETE", "initialize", "notifications/initialized"} <= methods
+    ids = dict(UsageEvent.objects.values_list("method", "jsonrpc_id"))
+    assert {"GET", "DELETE", "initialize", "notifications/initialized"} <= set(ids)
+    # Only a message with an id has one: a notification, a GET and a DELETE record none.
+    assert [ids[m] for m in ("initialize", "notifications/initialized", "GET", "DELETE")] == ["1", "", "", ""]
 
 
 def test_calls_the_upstream_never_served_are_refunded(admin, flag_on, gateway, settings):

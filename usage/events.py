@@ -6,7 +6,6 @@ fields, so what a row means (its outcome, its tokens, whether it counts) is deci
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,8 +29,9 @@ class Sent:
 
     method: str
     tool: str
-    jsonrpc_id: Any
-    """The id as sent (None when there is none)."""
+    jsonrpc_id: str
+    """The id as text: a string id as it is, any other as its JSON (``7``, ``null``); empty when
+    the message has none (a notification, a GET or DELETE)."""
     raw: bytes
     counted: bool
     reply: Reply | None
@@ -61,17 +61,13 @@ def proxied_rows(*, base: dict[str, Any], sent: Sequence[Sent], outcome: str, er
         size_out = reply.size if reply is not None else share_out
         rows.append({
             **base, "method": storable_text(message.method, 100), "tool_name": storable_text(message.tool, 200),
-            "jsonrpc_id": storable_text(_id_text(message.jsonrpc_id), 100),
+            "jsonrpc_id": storable_text(message.jsonrpc_id, 100),
             "tokens_in": counter.count(message.raw) if message.raw else 0,
             "tokens_out": counter.count(raw_out) if raw_out else (size_out + 3) // 4,
             "bytes_in": len(message.raw), "bytes_out": size_out, "jsonrpc_error_code": code,
             "outcome": message_outcome, "counted": message.counted,
         })
     return rows
-
-
-def _id_text(value: Any) -> Any:
-    return value if isinstance(value, str) or value is None else json.dumps(value, separators=(",", ":"))
 
 
 def storable_text(value: Any, limit: int) -> str:

@@ -13,6 +13,7 @@ import logging
 import re
 import time
 import uuid
+from typing import Any
 
 from django.utils import timezone
 
@@ -135,7 +136,7 @@ async def record(call: Call) -> None:
 
 def _sent(call: Call) -> list[Sent]:
     if not call.messages:
-        return [Sent(method=call.method, tool="", jsonrpc_id=None, raw=call.body, counted=False, reply=None)]
+        return [Sent(method=call.method, tool="", jsonrpc_id="", raw=call.body, counted=False, reply=None)]
     replies = call.delivered
     sent: list[Sent] = []
     for index, message in enumerate(call.messages):
@@ -143,10 +144,17 @@ def _sent(call: Call) -> list[Sent]:
         params = message.get("params") if isinstance(message.get("params"), dict) else {}
         sent.append(Sent(
             method=method, tool=(params.get("name") if method == "tools/call" else "") or "",
-            jsonrpc_id=message.get("id"), raw=call.body if len(call.messages) == 1 else dumps(message),
+            jsonrpc_id=_id_text(message), raw=call.body if len(call.messages) == 1 else dumps(message),
             counted=quota.counted(call, index), reply=replies.get(id_key(message["id"])) if "id" in message else None,
         ))
     return sent
+
+
+def _id_text(message: dict[str, Any]) -> str:
+    if "id" not in message:
+        return ""
+    value = message["id"]
+    return value if isinstance(value, str) else dumps(value).decode()
 
 
 def observe(call: Call) -> None:
