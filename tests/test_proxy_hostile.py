@@ -577,6 +577,22 @@ def test_text_postgresql_cannot_hold_is_recorded_cleaned(admin, flag_on, gateway
     assert (event.method, event.jsonrpc_id, event.outcome) == ("x\ufffd?y", "a\ufffdb", Outcome.OK)
 
 
+@pytest.mark.parametrize("code", [2**31, -(2**31) - 1, 10**30])
+def test_an_error_code_past_the_column_is_recorded_without_it(admin, flag_on, gateway, code):
+    """JSON-RPC codes are any integer; the column holds 32 bits. The event is stored (an error,
+    without its code) and the agent gets the answer as sent."""
+
+    def huge_code(request: HostileRequest) -> list[Step]:
+        return json_answer({"jsonrpc": "2.0", "id": request.rpc_id, "error": {"code": code, "message": "x"}})
+
+    with HostilePeer(mcp_handler(tools_call=huge_code)) as peer:
+        url = proxy_url(gateway, register(admin, peer, name="hostile"))
+        status, _, raw = post(url, admin.raw_key, call())
+    assert status == 200 and json.loads(raw)["error"]["code"] == code
+    event = UsageEvent.objects.get(method="tools/call")
+    assert (event.outcome, event.jsonrpc_error_code, event.counted) == (Outcome.ERROR, None, True)
+
+
 def test_an_unexpected_failure_is_a_json_rpc_error_recorded_refunded_and_logged(admin, flag_on, gateway, settings,
                                                                                  caplog):
     caplog.set_level(logging.INFO, logger="external_mcp.proxy")

@@ -4,6 +4,7 @@ batch size (one or two rows as VALUES, more through unnest arrays), NULLs and te
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from datetime import UTC, datetime
 
@@ -11,7 +12,7 @@ import pytest
 from django.db import connections
 
 from usage.models import UsageEvent
-from usage.recorder import BatchRecorder, PsycopgSink
+from usage.recorder import BatchRecorder, OrmSink, PsycopgSink
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -56,6 +57,27 @@ def test_every_event_of_a_burst_is_stored_exactly_once(burst):
     for row in rows:
         got = stored[row["request_id"]]
         assert {column: getattr(got, column) for column in row} == row
+
+
+@pytest.mark.parametrize("sink", [PsycopgSink, OrmSink])
+def test_a_row_the_database_refuses_costs_no_other_event(sink, caplog):
+    """One refused row must not take its batch with it: the others are stored, the refused one is
+    logged in full so it can be replayed."""
+    workspace_id = uuid.uuid4()
+    rows = [event(i, workspace_id=workspace_id) for i in range(1, 41)]
+    rows[7]["jsonrpc_error_code"] = 2**40  # past the integer column
+
+    async def scenario() -> None:
+        recorder = BatchRecorder(sink())
+        await asyncio.gather(*(recorder.record(row) for row in rows))
+        await recorder.close()
+
+    with caplog.at_level(logging.ERROR, logger="usage.recorder"):
+        asyncio.run(scenario())
+    stored = set(UsageEvent.objects.filter(workspace_id=workspace_id).values_list("request_id", flat=True))
+    assert stored == {row["request_id"] for row in rows} - {rows[7]["request_id"]}
+    refused = [r.getMessage() for r in caplog.records if r.name == "usage.recorder" and r.levelno == logging.ERROR]
+    assert len(refused) == 1 and rows[7]["request_id"] in refused[0]
 
 
 def test_close_waits_for_events_handed_over_before_it():

@@ -10,8 +10,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from django.db.backends.base.operations import BaseDatabaseOperations
+
 from usage.models import Outcome
 from usage.tokens import token_counter
+
+# A JSON-RPC code is any integer; the column keeps those its type holds (the row is kept either way).
+_CODE_MIN, _CODE_MAX = BaseDatabaseOperations.integer_field_ranges["IntegerField"]
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,8 @@ def proxied_rows(*, base: dict[str, Any], sent: Sequence[Sent], outcome: str, er
             "jsonrpc_id": storable_text(message.jsonrpc_id, 100),
             "tokens_in": counter.count(message.raw) if message.raw else 0,
             "tokens_out": counter.count(raw_out) if raw_out else (size_out + 3) // 4,
-            "bytes_in": len(message.raw), "bytes_out": size_out, "jsonrpc_error_code": code,
+            "bytes_in": len(message.raw), "bytes_out": size_out,
+            "jsonrpc_error_code": code if code is not None and _CODE_MIN <= code <= _CODE_MAX else None,
             "outcome": message_outcome, "counted": message.counted,
         })
     return rows

@@ -129,17 +129,34 @@ class BatchRecorder:
             rows = [row for row, _ in batch]
             self.writing = True
             try:
-                await self._write_with_retry(rows)
-            except Exception:  # noqa: BLE001 - never lose an event silently: log it whole
-                for row in rows:
-                    logger.error("usage event not stored: %s", json.dumps(row, default=str))
-            else:
-                external_mcp_usage_event.send_robust(sender=BatchRecorder, events=rows)
+                stored = await self._write(rows)
+                if stored:
+                    external_mcp_usage_event.send_robust(sender=BatchRecorder, events=stored)
             finally:
                 self.writing = False
             for _, future in batch:
                 if not future.done():
                     future.set_result(None)
+
+    async def _write(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The rows stored. A batch refused twice is written row by row, so a row the database
+        refuses costs no other request its event; a refused row is logged whole, never lost silently."""
+        try:
+            await self._write_with_retry(rows)
+            return rows
+        except Exception:  # noqa: BLE001 - logged below, row by row
+            if len(rows) == 1:
+                logger.error("usage event not stored: %s", json.dumps(rows[0], default=str), exc_info=True)
+                return []
+        stored = []
+        for row in rows:
+            try:
+                await self.sink.write([row])
+            except Exception:  # noqa: BLE001 - the same
+                logger.error("usage event not stored: %s", json.dumps(row, default=str), exc_info=True)
+            else:
+                stored.append(row)
+        return stored
 
     async def _write_with_retry(self, rows: list[dict[str, Any]]) -> None:
         try:
