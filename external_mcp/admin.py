@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from django.contrib import admin
 from django.http import HttpRequest
+from django.utils import timezone
 
-from external_mcp.models import AuditEvent, ExternalMcpCredential, ExternalMcpServer, Notification
+from external_mcp import staleness
+from external_mcp.choices import ServerStatus
+from external_mcp.models import AuditEvent, ExternalMcpCredential, ExternalMcpServer, Notification, ServerQuerySet
 
 
 class CredentialInline(admin.StackedInline):
@@ -20,16 +23,35 @@ class CredentialInline(admin.StackedInline):
         return False
 
 
+class ShownStatusFilter(admin.SimpleListFilter):
+    """The status the UI and API show: a stored status whose checks stopped is shown as stale."""
+
+    title = "status"
+    parameter_name = "status"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
+        return list(ServerStatus.choices)
+
+    def queryset(self, request: HttpRequest, queryset: ServerQuerySet) -> ServerQuerySet | None:
+        value = self.value()
+        return queryset.shown_as(value, timezone.now()) if value else None
+
+
 @admin.register(ExternalMcpServer)
 class ServerAdmin(admin.ModelAdmin):
     """Read-mostly: writes must go through the API or UI so they are validated and audited."""
 
-    list_display = ["name", "workspace", "status", "auth_type", "enabled", "last_checked_at", "last_latency_ms"]
-    list_filter = ["status", "auth_type", "enabled"]
+    list_display = ["name", "workspace", "shown_status", "auth_type", "enabled", "last_checked_at",
+                    "last_latency_ms"]
+    list_filter = [ShownStatusFilter, "auth_type", "enabled"]
     list_select_related = ["workspace"]
     search_fields = ["name", "description"]
     readonly_fields = [f.name for f in ExternalMcpServer._meta.fields]
     inlines = [CredentialInline]
+
+    @admin.display(description="status")
+    def shown_status(self, obj: ExternalMcpServer) -> str:
+        return ServerStatus(staleness.shown_status(obj)).label
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

@@ -140,7 +140,7 @@ def test_the_list_and_the_page_show_stale_with_the_last_verdict(admin, admin_web
 def test_metrics_show_stale_servers_and_the_last_check_time_from_the_database(admin):
     t0 = timezone.now().replace(microsecond=0)
     checked(admin, "old", at=t0 - GRACE * 2)
-    fresh = checked(admin, "fresh", at=t0)
+    fresh = checked(admin, "srv-checked-now", at=t0)
     make(admin, "off", enabled=False)
     with time_machine.travel(t0 + timedelta(seconds=5)):
         text = Client().get("/metrics").content.decode()
@@ -174,3 +174,15 @@ def test_python_and_sql_agree_on_staleness(admin):
     by_python = {s.name: staleness.shown_status(ExternalMcpServer.objects.get(pk=s.pk), now) for s in servers}
     assert by_sql == by_python
     assert sorted(n for n, status in by_sql.items() if status == "stale") == ["s1", "s3"]
+
+
+def test_the_django_admin_filters_and_shows_the_derived_status(admin, admin_client):
+    t0 = timezone.now()
+    stopped = checked(admin, "srv-checks-stopped", at=t0 - GRACE - timedelta(seconds=1))
+    fresh = checked(admin, "srv-checked-now", at=t0)
+    with time_machine.travel(t0, tick=False):
+        stale_page = admin_client.get("/admin/external_mcp/externalmcpserver/?status=stale").content.decode()
+        healthy_page = admin_client.get("/admin/external_mcp/externalmcpserver/?status=healthy").content.decode()
+    assert stopped.name in stale_page and fresh.name not in stale_page
+    assert 'class="field-shown_status">Stale (no recent check)<' in stale_page  # the row, not the filter
+    assert fresh.name in healthy_page and stopped.name not in healthy_page
