@@ -12,6 +12,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,8 @@ def close_gateway_connections() -> None:
 class GatewayProcess:
     """The gateway as production runs it: ``uvicorn --workers N`` in its own process group, on the
     test database (its data must be committed: ``django_db(transaction=True)``) and the Redis the
-    test chooses. Faults are real: ``kill_worker()`` sends SIGKILL to one worker."""
+    test chooses. Faults are real: ``kill_worker()`` sends SIGKILL to one worker. Its clock runs
+    from the test's own ``now`` (``tests/clocked_asgi.py``): use it with the ``midday`` fixture."""
 
     def __init__(self, *, redis_url: str, workers: int = 2, env: dict[str, str] | None = None) -> None:
         self.redis_url = redis_url
@@ -101,11 +103,11 @@ class GatewayProcess:
             "REDIS_URL": self.redis_url, "DEBUG": "false", "ALLOWED_HOSTS": "127.0.0.1",
             "SECURE_SSL_REDIRECT": "false", "EXTERNAL_MCP_ALLOWED_PROTOCOLS": "https,http",
             "EXTERNAL_MCP_ALLOWED_NETWORKS": "127.0.0.1/32", "LOG_LEVEL": "WARNING",
-            **self.extra_env,
+            "TWINMCP_TEST_CLOCK": datetime.now(UTC).isoformat(), **self.extra_env,
         }
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "twinmcp.asgi:application", "--host", "127.0.0.1", "--port",
+            [sys.executable, "-m", "uvicorn", "tests.clocked_asgi:application", "--host", "127.0.0.1", "--port",
              str(self.port), "--workers", str(self.workers), "--no-access-log"],
             env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )

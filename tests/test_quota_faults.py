@@ -18,9 +18,11 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 
 import aiohttp
 import pytest
+import time_machine
 
 from external_mcp.models import ExternalMcpServer
 from tests import mcp_peers
@@ -29,7 +31,7 @@ from tests.redis_server import RedisServer
 from twinmcp import services as core_services
 from usage.models import UsageEvent
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("midday")]
 
 LIMIT = 30
 HEADERS = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
@@ -135,6 +137,16 @@ def test_two_workers_admit_exactly_the_limit(admin, server, upstream, spare_redi
     assert burst.statuses().count(429) == 120 - LIMIT
     assert counted_events() == set(burst.admitted())
     assert len(upstream.requests_to(rpc_method="tools/call")) == LIMIT
+
+
+def test_the_workers_run_on_the_test_clock(admin, server, spare_redis):
+    """What the other tests rely on to count within one UTC day whenever they run."""
+    spare_redis.start()
+    with time_machine.travel(datetime(2031, 3, 4, 12, tzinfo=UTC), tick=True), gateway(spare_redis) as gw:
+        burst = asyncio.run(Burst(gw.url(server), admin.raw_key).run(4, 2))
+    assert len(burst.admitted()) == 4
+    days = {e.created_at.date() for e in UsageEvent.objects.filter(method="tools/call")}
+    assert days == {date(2031, 3, 4)}
 
 
 def test_redis_killed_mid_burst_and_restarted_empty_admits_no_more_than_the_limit(admin, server, spare_redis):
