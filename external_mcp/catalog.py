@@ -28,7 +28,9 @@ from external_mcp.models import AuditEvent, ExternalMcpServer, ExternalMcpTool
 from external_mcp.notifications import notify_admins
 from twinmcp import invalidation
 
-DEFINITION_KEYS = ("name", "title", "description", "inputSchema", "outputSchema", "annotations")
+# Every key of a Tool (MCP 2025-11-25) that reaches an agent: a change to any is a change to review.
+DEFINITION_KEYS = ("name", "title", "description", "inputSchema", "outputSchema", "annotations", "icons",
+                   "execution", "_meta")
 MAX_DEFINITION_BYTES = 256 * 1024
 TITLE_CHARS = 300
 DESCRIPTION_CHARS = 64 * 1024
@@ -64,10 +66,10 @@ def _shape_problem(definition: dict[str, Any]) -> str | None:
     if schema is None:
         return "inputSchema is missing; MCP tools must have a JSON Schema object as their input schema."
     for key, wanted in (("title", str), ("description", str), ("inputSchema", dict), ("outputSchema", dict),
-                        ("annotations", dict)):
+                        ("annotations", dict), ("icons", list), ("execution", dict), ("_meta", dict)):
         value = definition.get(key)
         if value is not None and not isinstance(value, wanted):
-            kind = "a string" if wanted is str else "a JSON object"
+            kind = {str: "a string", dict: "a JSON object", list: "a JSON array"}[wanted]
             return f"{key} is a JSON {storable.json_type(value)}, not {kind}."
     return None
 

@@ -55,6 +55,25 @@ def test_changed_definition_is_quarantined_and_admins_notified_once(server, admi
     assert states(server) == {"a": "approved"}
 
 
+@pytest.mark.parametrize("extra", [{"_meta": {"ui": {"resourceUri": "ui://x"}}}, {"icons": [{"src": "https://i/x.png"}]},
+                                   {"execution": {"taskSupport": "required"}}], ids=["_meta", "icons", "execution"])
+def test_every_key_agents_receive_is_pinned(server, admin, extra):
+    catalog.catalog_sync(server=server, tools=[tool("a")])
+    catalog.tools_approve(server=server, actor=admin.user, select_all=True)
+    assert [t.name for t in catalog.catalog_sync(server=server, tools=[tool("a", **extra)])] == ["a"]
+    a = ExternalMcpTool.objects.get(name="a")
+    assert a.state == "changed" and a.definition == {**tool("a"), **extra}
+
+
+@pytest.mark.parametrize(("extra", "reason"), [({"_meta": ["x"]}, "_meta is a JSON array, not a JSON object."),
+                                               ({"icons": {"src": "x"}}, "icons is a JSON object, not a JSON array."),
+                                               ({"execution": "x"}, "execution is a JSON string, not a JSON object.")])
+def test_pinned_keys_of_the_wrong_type_are_refused(server, extra, reason):
+    catalog.catalog_sync(server=server, tools=[tool("a", **extra)])
+    a = ExternalMcpTool.objects.get(name="a")
+    assert (a.state, a.refusal_reason) == ("refused", reason)
+
+
 def test_reverting_to_the_approved_definition_unquarantines(server, admin):
     catalog.catalog_sync(server=server, tools=[tool("a")])
     catalog.tools_approve(server=server, actor=admin.user, select_all=True)
