@@ -17,7 +17,7 @@ from rest_framework.views import APIView
 
 from external_mcp import catalog, health, services
 from external_mcp.choices import ServerStatus, ToolState
-from external_mcp.models import ExternalMcpServer
+from external_mcp.models import ExternalMcpServer, ExternalMcpTool
 from external_mcp.serializers import (
     ChecksSerializer,
     CredentialsRotateSerializer,
@@ -149,16 +149,20 @@ class ServerTest(ExternalMcpView):
             "server_name": result.server_name, "server_version": result.server_version,
             "latency_ms": result.total_ms, "timings_ms": result.timings_ms, "status": server.status,
             "server": ServerSerializer(server).data,
-            "tools": ToolSerializer(server.tools.exclude(state=ToolState.REMOVED), many=True).data,
+            "tools": tools_data(server, server.tools.exclude(state=ToolState.REMOVED)),
         }
         return Response(data)
+
+
+def tools_data(server: ExternalMcpServer, tools: QuerySet[ExternalMcpTool]) -> Any:
+    return ToolSerializer(tools, many=True, context={"exposed_names": catalog.exposed_names_of(server)}).data
 
 
 class ServerTools(ExternalMcpView):
     @extend_schema(responses=ToolSerializer(many=True))
     def get(self, request: Request, server_id: Any) -> Response:
         server = self.get_server(server_id)
-        return Response(ToolSerializer(server.tools.all(), many=True).data)
+        return Response(tools_data(server, server.tools.all()))
 
 
 class ServerToolsApprove(ExternalMcpView):
@@ -170,7 +174,7 @@ class ServerToolsApprove(ExternalMcpView):
         form.is_valid(raise_exception=True)
         catalog.tools_approve(server=server, actor=request.user, names=form.validated_data.get("names"),
                               select_all=form.validated_data["all"])
-        return Response(ToolSerializer(server.tools.all(), many=True).data)
+        return Response(tools_data(server, server.tools.all()))
 
 
 class ServerChecks(ExternalMcpView):

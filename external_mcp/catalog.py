@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.exceptions import ValidationError
 from django.db import transaction
@@ -24,6 +25,7 @@ from django.utils import timezone
 
 from external_mcp import storable, tool_names
 from external_mcp.choices import AuditAction, NotificationKind, ToolState
+from external_mcp.exposed_names import exposed_names
 from external_mcp.models import AuditEvent, ExternalMcpServer, ExternalMcpTool
 from external_mcp.notifications import notify_admins
 from twinmcp import invalidation
@@ -285,6 +287,13 @@ def tools_disable(*, server: ExternalMcpServer, actor: AbstractBaseUser | None, 
     AuditEvent.objects.create(workspace_id=server.workspace_id, server=server, server_name=server.name,
                               actor=actor, action=AuditAction.TOOLS_DISABLE, changes={"tools": disabled})
     return disabled
+
+
+def exposed_names_of(server: ExternalMcpServer) -> dict[str, str]:
+    """Its tools' names where several servers meet (``exposed_names``), computed over every tool
+    it lists now, so approving or disabling one tool never renames another."""
+    return exposed_names(server.prefix, server.tools.listed().values_list("name", flat=True),
+                         max_chars=settings.EXTERNAL_MCP_TOOL_NAME_MAX_CHARS)
 
 
 @transaction.atomic

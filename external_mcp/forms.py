@@ -15,6 +15,7 @@ from django.core.exceptions import ValidationError
 
 from external_mcp.choices import SUPPORTED_AUTH_TYPE_CHOICES, AuthType, ServerStatus
 from external_mcp.credentials import MAX_PEM_BYTES
+from external_mcp.exposed_names import PREFIX_MAX_CHARS
 
 CREDENTIALS_PREFIX = "cred"
 
@@ -47,6 +48,12 @@ class ServerForm(forms.Form):
 
     workspace = forms.ChoiceField(label="Workspace", required=True)
     name = forms.CharField(label="Name", max_length=100)
+    prefix = forms.CharField(
+        label="Tool prefix", max_length=PREFIX_MAX_CHARS, required=False,
+        help_text="Where several servers meet, its tools are named <prefix>__<tool>. Lowercase letters and digits, "
+                  "joined by single - or _. Leave empty to derive it from the name.",
+        widget=forms.TextInput(attrs={"spellcheck": "false", "autocapitalize": "off"}),
+    )
     base_url = forms.CharField(
         label="MCP endpoint URL", max_length=2048,
         help_text="The server's Streamable HTTP endpoint, e.g. https://mcp.example.com/mcp",
@@ -79,6 +86,7 @@ class ServerForm(forms.Form):
         return {
             "name": data["name"], "base_url": data["base_url"], "description": data["description"],
             "tags": [t.strip() for t in data["tags"].split(",") if t.strip()],
+            **({"prefix": data["prefix"]} if data["prefix"] else {}),
         }
 
 

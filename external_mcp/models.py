@@ -14,8 +14,11 @@ from django.utils import timezone
 
 from external_mcp import staleness
 from external_mcp.choices import AuditAction, AuthType, NotificationKind, ServerStatus, ToolState, Transport
+from external_mcp.exposed_names import PREFIX_MAX_CHARS
 from external_mcp.tool_names import STORED_CHARS
 from twinmcp.models import Membership, Role, Workspace
+
+PREFIX_CONSTRAINT = "external_mcp_server_prefix_unique"
 
 
 class _Milliseconds(models.Func):
@@ -70,6 +73,8 @@ class ExternalMcpServer(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="servers")
     name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=PREFIX_MAX_CHARS, help_text="Its tools' names where several servers "
+                              "meet: <prefix>__<tool> (external_mcp.exposed_names).")
     base_url = models.URLField(max_length=2048)
     transport = models.CharField(max_length=32, choices=Transport.choices, default=Transport.STREAMABLE_HTTP)
     auth_type = models.CharField(max_length=16, choices=AuthType.choices, default=AuthType.NONE)
@@ -101,6 +106,7 @@ class ExternalMcpServer(models.Model):
         ordering = ["name"]
         constraints = [
             models.UniqueConstraint("workspace", Lower("name"), name="external_mcp_server_name_unique"),
+            models.UniqueConstraint("workspace", "prefix", name=PREFIX_CONSTRAINT),
         ]
 
     def __str__(self) -> str:
@@ -195,6 +201,10 @@ class StatusChange(models.Model):
 class ToolQuerySet(models.QuerySet["ExternalMcpTool"]):
     def callable(self) -> ToolQuerySet:
         return self.filter(state=ToolState.APPROVED)
+
+    def listed(self) -> ToolQuerySet:
+        """The tools the server lists now, with names TwinMCP accepts (approved or not)."""
+        return self.exclude(state__in=(ToolState.REMOVED, ToolState.REFUSED))
 
 
 class ExternalMcpTool(models.Model):

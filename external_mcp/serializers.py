@@ -7,6 +7,7 @@ from rest_framework import serializers
 
 from external_mcp import staleness, tool_names
 from external_mcp.choices import SUPPORTED_AUTH_TYPE_CHOICES, AuthType, ServerStatus, Transport
+from external_mcp.exposed_names import PREFIX_MAX_CHARS
 from external_mcp.models import (
     AuditEvent,
     ExternalMcpCredential,
@@ -44,8 +45,8 @@ class ServerSerializer(serializers.ModelSerializer):
     class Meta:
         model = ExternalMcpServer
         fields = [
-            "id", "workspace", "name", "base_url", "transport", "auth_type", "status", "recorded_status", "stale",
-            "stale_since", "error_message", "enabled", "description", "tags", "last_checked_at", "last_ok_at",
+            "id", "workspace", "name", "prefix", "base_url", "transport", "auth_type", "status", "recorded_status",
+            "stale", "stale_since", "error_message", "enabled", "description", "tags", "last_checked_at", "last_ok_at",
             "last_latency_ms", "consecutive_failures", "check_interval_seconds", "next_check_at", "has_credentials",
             "credential", "created_by", "created_at", "updated_at",
         ]
@@ -85,6 +86,10 @@ class ServerWriteSerializer(serializers.Serializer):
 
     workspace = serializers.SlugField(required=False, help_text="Workspace slug (defaults to the key's).")
     name = serializers.CharField(max_length=100)
+    prefix = serializers.CharField(
+        max_length=PREFIX_MAX_CHARS, required=False,
+        help_text="Its tools' names where several servers meet are <prefix>__<tool>: lowercase letters and digits "
+                  "in runs joined by single '-' or '_', unique in the workspace. Default: derived from the name.")
     base_url = serializers.CharField(max_length=2048, help_text="The server's MCP endpoint URL.")
     transport = serializers.ChoiceField(choices=Transport.choices, default=Transport.STREAMABLE_HTTP)
     auth_type = serializers.ChoiceField(choices=SUPPORTED_AUTH_TYPE_CHOICES,
@@ -133,19 +138,29 @@ class AuditEventSerializer(serializers.ModelSerializer):
 
 
 class ToolSerializer(serializers.ModelSerializer):
+    """Give ``context={"exposed_names": catalog.exposed_names_of(server)}``."""
+
     name_conforms = serializers.SerializerMethodField(
         help_text="Whether the name follows the MCP rules (1-128 of A-Za-z0-9_.-); other names may be approved, "
                   "but some clients refuse or rename them.")
+    exposed_name = serializers.SerializerMethodField(
+        help_text="The tool's name where several servers meet: <server prefix>__<name>, or a short form ending in "
+                  "a digest of the name when that would break the MCP rules or EXTERNAL_MCP_TOOL_NAME_MAX_CHARS. "
+                  "Null for a tool that is refused or no longer listed.")
 
     class Meta:
         model = ExternalMcpTool
-        fields = ["name", "name_conforms", "title", "description", "input_schema", "output_schema", "annotations",
-                  "state", "refusal_reason", "definition_hash", "approved_hash", "approved_definition", "definition",
-                  "first_seen_at", "last_seen_at", "approved_at", "changed_at"]
+        fields = ["name", "name_conforms", "exposed_name", "title", "description", "input_schema", "output_schema",
+                  "annotations", "state", "refusal_reason", "definition_hash", "approved_hash", "approved_definition",
+                  "definition", "first_seen_at", "last_seen_at", "approved_at", "changed_at"]
         read_only_fields = fields
 
     def get_name_conforms(self, tool: ExternalMcpTool) -> bool:
         return tool_names.conforms(tool.name)
+
+    @extend_schema_field(serializers.CharField(allow_null=True))
+    def get_exposed_name(self, tool: ExternalMcpTool) -> str | None:
+        return self.context["exposed_names"].get(tool.name)
 
 
 class ToolApproveSerializer(serializers.Serializer):

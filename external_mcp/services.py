@@ -16,7 +16,8 @@ from django.utils import timezone
 from external_mcp import catalog, crypto
 from external_mcp.choices import SUPPORTED_AUTH_TYPES, AuditAction, AuthType, ServerStatus, Transport
 from external_mcp.credentials import CleanCredentials, validate_credentials
-from external_mcp.models import AuditEvent, ExternalMcpCredential, ExternalMcpServer
+from external_mcp.exposed_names import derive_prefix, prefix_problem
+from external_mcp.models import PREFIX_CONSTRAINT, AuditEvent, ExternalMcpCredential, ExternalMcpServer
 from external_mcp.queue import queue_check
 from external_mcp.status import transition
 from external_mcp.urlpolicy import UrlPolicyError, validate_url
@@ -28,7 +29,8 @@ logger = logging.getLogger(__name__)
 
 MAX_TAGS = 20
 MAX_TAG_CHARS = 40
-EDITABLE_FIELDS = ("name", "base_url", "description", "tags", "enabled", "transport", "check_interval_seconds")
+EDITABLE_FIELDS = ("name", "prefix", "base_url", "description", "tags", "enabled", "transport",
+                   "check_interval_seconds")
 
 MOVE_NEEDS_CREDENTIALS = (
     "The new URL is on another origin (scheme, host or port): enter the secret again for the new host. "
@@ -90,6 +92,8 @@ def _apply_fields(server: ExternalMcpServer, fields: dict[str, Any]) -> dict[str
             raise ValidationError({key: ["This field cannot be changed here."]})
         if key == "name":
             value = _clean_name(value)
+        elif key == "prefix":
+            value = _clean_prefix(value)
         elif key == "base_url":
             value = _clean_url(value)
         elif key == "tags":
@@ -150,8 +154,23 @@ def _audit(*, server: ExternalMcpServer, actor: AbstractBaseUser | None, action:
     )
 
 
-def _name_taken() -> ValidationError:
+def _clean_prefix(prefix: Any) -> str:
+    problem = prefix_problem(prefix) if isinstance(prefix, str) else "A prefix is a string."
+    if problem:
+        raise ValidationError({"prefix": [problem]})
+    return prefix
+
+
+def _taken(exc: IntegrityError) -> ValidationError:
+    """The unique constraint a save broke, as the field an admin must change."""
+    if PREFIX_CONSTRAINT in str(exc):
+        return ValidationError({"prefix": ["Another server of this workspace has this prefix."]})
     return ValidationError({"name": ["A server with this name already exists in this workspace."]})
+
+
+def _free_prefix(*, workspace: Workspace, name: str) -> str:
+    taken = ExternalMcpServer.objects.filter(workspace=workspace).values_list("prefix", flat=True)
+    return derive_prefix(name, set(taken))
 
 
 @transaction.atomic
@@ -169,7 +188,9 @@ def server_create(
     enabled: bool = True,
     transport: str = Transport.STREAMABLE_HTTP,
     check_interval_seconds: int | None = None,
+    prefix: str | None = None,
 ) -> ExternalMcpServer:
+    """``prefix`` defaults to one derived from the name, unique in the workspace."""
     server = ExternalMcpServer(workspace=workspace, created_by=actor)
     changes = _apply_fields(
         server,
@@ -177,23 +198,26 @@ def server_create(
             "name": name, "base_url": base_url, "description": description, "tags": tags or [],
             "enabled": enabled, "transport": transport,
             "check_interval_seconds": check_interval_seconds or settings.EXTERNAL_MCP_HEALTH_INTERVAL_SECONDS,
+            **({} if prefix is None else {"prefix": prefix}),
         },
     )
     clean = _clean_auth(auth_type, credentials)
     server.auth_type = auth_type
     server.status = ServerStatus.NEW if enabled else ServerStatus.DISABLED
-    # Lock the workspace row so two concurrent creations cannot both pass the cap.
+    # Lock the workspace row so two concurrent creations cannot both pass the cap (or take one prefix).
     Workspace.objects.select_for_update().filter(pk=workspace.pk).first()
     if ExternalMcpServer.objects.filter(workspace=workspace).count() >= settings.EXTERNAL_MCP_MAX_PER_ORG:
         raise LimitReached(
             f"This workspace already has {settings.EXTERNAL_MCP_MAX_PER_ORG} servers, the maximum "
             "(EXTERNAL_MCP_MAX_PER_ORG); delete one first."
         )
+    if prefix is None:
+        server.prefix = changes["prefix"] = _free_prefix(workspace=workspace, name=server.name)
     try:
         with transaction.atomic():
             server.save()
-    except IntegrityError:
-        raise _name_taken() from None
+    except IntegrityError as exc:
+        raise _taken(exc) from None
     _store_credentials(server=server, clean=clean, expires_at=credentials_expires_at, rotated=False)
     _audit(server=server, actor=actor, action=AuditAction.CREATE, changes={**changes, "auth_type": auth_type})
     transaction.on_commit(lambda: queue_check(server.pk))
@@ -260,8 +284,8 @@ def server_update(
     try:
         with transaction.atomic():
             server.save()
-    except IntegrityError:
-        raise _name_taken() from None
+    except IntegrityError as exc:
+        raise _taken(exc) from None
     if moved:
         changes["tools_reset"] = catalog.tools_reset_approvals(server=server)
     if "enabled" in changes:

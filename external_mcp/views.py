@@ -181,7 +181,9 @@ def definition_diff(old: Any, new: Any, *, context: int = 3) -> list[DiffRow]:
 
 def _tools(server: ExternalMcpServer) -> list[ExternalMcpTool]:
     tools = sorted(server.tools.all(), key=lambda t: (TOOL_STATE_ORDER.get(t.state, 9), t.name))
+    exposed = catalog.exposed_names_of(server)
     for tool in tools:
+        tool.exposed_name = exposed.get(tool.name)
         tool.approvable = tool.state in APPROVABLE_STATES and not tool.refusal_reason
         tool.name_conforms = tool_names.conforms(tool.name)
         if tool.state == ToolState.CHANGED:
@@ -334,7 +336,7 @@ def server_edit(request: HttpRequest, server_id: Any) -> HttpResponse:
     server = _get_server(request, server_id, admin=True)
     if request.method == "GET":
         auth_type = request.GET.get("auth_type") or server.auth_type
-        form = ServerForm(initial={"name": server.name, "base_url": server.base_url,
+        form = ServerForm(initial={"name": server.name, "prefix": server.prefix, "base_url": server.base_url,
                                    "description": server.description, "tags": ", ".join(server.tags),
                                    "auth_type": auth_type})
         return _form_page(request, server=server, form=form, cred_form=_cred_form(server, auth_type))

@@ -95,6 +95,10 @@ def test_wrong_credentials_name_the_field(admin, flag_on, auth_type, credentials
         ({"transport": "sse"}, "transport"),
         ({"check_interval_seconds": 1}, "check_interval_seconds"),
         ({"workspace": "globex"}, "workspace"),
+        ({"prefix": "Has Spaces"}, "prefix"),
+        ({"prefix": "a__b"}, "prefix"),
+        ({"prefix": "x" * 25}, "prefix"),
+        ({"prefix": ""}, "prefix"),
     ],
 )
 def test_bad_fields_are_400_naming_the_field(admin, flag_on, outsider, over, field):
@@ -278,3 +282,52 @@ def test_session_admin_can_create_via_api(client, admin, flag_on):
     client.force_login(admin.user)
     response = client.post(URL, body(), content_type="application/json")
     assert response.status_code == 201
+
+
+def test_a_prefix_is_derived_unique_editable_and_checked(admin, flag_on):
+    first = create(admin, name="GitHub Enterprise").json()
+    second = create(admin, name="github enterprise!").json()
+    assert (first["prefix"], second["prefix"]) == ("github-enterprise", "github-enterprise-2")
+    assert create(admin, name="Chosen", prefix="gh").json()["prefix"] == "gh"
+    taken = create(admin, name="Other", prefix="gh")
+    assert taken.status_code == 400 and "prefix" in taken.json(), taken.json()
+    url = f"{URL}{second['id']}/"
+    clash = admin.client().patch(url, {"prefix": "github-enterprise"}, format="json")
+    assert clash.status_code == 400 and list(clash.json()) == ["prefix"]
+    renamed = admin.client().patch(url, {"prefix": "ghe_2"}, format="json")
+    assert renamed.status_code == 200 and renamed.json()["prefix"] == "ghe_2"
+    assert AuditEvent.objects.filter(server_id=second["id"], action="update").get().changes["prefix"] == "ghe_2"
+
+
+def test_prefixes_are_per_workspace(admin, flag_on, outsider):
+    assert create(admin, name="Shared name").json()["prefix"] == "shared-name"
+    assert create(outsider, name="Shared name").json()["prefix"] == "shared-name"
+
+
+def test_existing_servers_get_prefixes_like_new_ones(admin, flag_on):
+    """The migration's backfill: from the name, unique in the workspace, oldest first."""
+    import importlib
+
+    from django.apps import apps
+
+    backfill = importlib.import_module("external_mcp.migrations.0004_server_prefix").derive_prefixes
+    ids = [create(admin, name=name).json()["id"] for name in ("Mail", "mail!", "Café")]
+    for number, server_id in enumerate(reversed(ids)):
+        ExternalMcpServer.objects.filter(pk=server_id).update(prefix=f"before{number}")
+    backfill(apps, None)
+    assert [ExternalMcpServer.objects.get(pk=i).prefix for i in ids] == ["mail", "mail-2", "cafe"]
+
+
+def test_tools_show_their_exposed_names(admin, flag_on):
+    from external_mcp import catalog
+
+    server_id = create(admin, name="Files", auth_type="none", credentials=None).json()["id"]
+    server = ExternalMcpServer.objects.get(pk=server_id)
+    tools = [{"name": name, "inputSchema": {"type": "object"}} for name in ("read", "read file", "bad\x00")]
+    catalog.catalog_sync(server=server, tools=tools)
+    listed = {t["name"]: t["exposed_name"] for t in admin.client().get(f"{URL}{server_id}/tools/").json()}
+    assert listed["read"] == "files__read"
+    head = "files__read_file_"
+    assert listed["read file"].startswith(head) and len(listed["read file"]) == len(head) + 8
+    refused = [name for name in listed if name.startswith(" ")]  # stored under a key, never exposed
+    assert len(refused) == 1 and listed[refused[0]] is None

@@ -39,6 +39,8 @@ def run_check(**env: str) -> subprocess.CompletedProcess[str]:
         ("TWINMCP_ENCRYPTION_KEYS", "not a key", "not valid URL-safe base64"),
         ("TWINMCP_ENCRYPTION_KEYS", f"{GOOD_KEY},%%%", "not valid URL-safe base64"),
         ("EXTERNAL_MCP_PROXY_TIMEOUT_MS", "30s", "expected a whole number"),
+        ("EXTERNAL_MCP_TOOL_NAME_MAX_CHARS", "200", "expected a number <= 128"),
+        ("EXTERNAL_MCP_TOOL_NAME_MAX_CHARS", "20", "expected a number >= 40"),
         ("DEBUG", "maybe", "expected true or false"),
     ],
 )

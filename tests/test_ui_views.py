@@ -510,3 +510,24 @@ def test_canary_never_in_any_page(admin_web, admin, auth_type):
     edit_fail = admin_web.post(f"/servers/{server.pk}/edit/", {"name": "", "base_url": PUBLIC_URL,
                                                                "auth_type": auth_type, **creds})
     assert edit_fail.status_code == 400 and CANARY not in html(edit_fail)
+
+
+def test_the_prefix_is_set_in_the_form_and_each_tool_shows_its_exposed_name(admin_web, admin, settings):
+    settings.EXTERNAL_MCP_TOOL_NAME_MAX_CHARS = 40
+    assert add(admin_web, name="Acme CRM").status_code == 302
+    derived = ExternalMcpServer.objects.get(name="Acme CRM")
+    assert derived.prefix == "acme-crm"
+    assert add(admin_web, name="Other", prefix="acme-crm").status_code == 400  # taken: shown on the form
+    page = html(add(admin_web, name="Other", prefix="Not OK"))
+    assert 'id="id_prefix_error"' in page and "lowercase letters and digits" in page
+    long = "lookup_customer_by_email_address_and_more"
+    catalog.catalog_sync(server=derived, tools=[tool("search"), tool(long)])
+    detail = html(admin_web.get(f"/servers/{derived.pk}/"))
+    assert "<code>acme-crm</code>" in detail and "<code>acme-crm__search</code>" in detail
+    short = catalog.exposed_names_of(derived)[long]
+    assert len(short) <= 40 and f"<code>{short}</code>" in detail
+    fields = {"name": "Acme CRM", "prefix": "crm", "base_url": PUBLIC_URL, "description": "", "tags": "",
+              "auth_type": "none"}
+    edit = admin_web.post(f"/servers/{derived.pk}/edit/", fields)
+    assert edit.status_code == 302
+    assert ExternalMcpServer.objects.get(pk=derived.pk).prefix == "crm"

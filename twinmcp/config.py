@@ -109,11 +109,13 @@ def string(name: str, default: str = "") -> str:
     return _raw(name) or default
 
 
-def integer(name: str, default: int, *, minimum: int = 0) -> int:
+def integer(name: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
     def parse(raw: str) -> int:
         value = _positive_int(raw)
         if value < minimum:
             raise ValueError(f"expected a number >= {minimum}")
+        if maximum is not None and value > maximum:
+            raise ValueError(f"expected a number <= {maximum}")
         return value
 
     return _read(name, default, parse)

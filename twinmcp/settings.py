@@ -281,6 +281,11 @@ EXTERNAL_MCP_HEALTH_SWEEP_LIMIT = config.integer("EXTERNAL_MCP_HEALTH_SWEEP_LIMI
 # check timeout) is shown as stale: its recorded status is no longer believed (checks have stopped).
 EXTERNAL_MCP_HEALTH_STALE_INTERVALS = config.integer("EXTERNAL_MCP_HEALTH_STALE_INTERVALS", 3, minimum=1)
 
+# Tool names where several servers meet are <prefix>__<tool> (external_mcp/exposed_names.py) and fit
+# this many characters (many clients cut at 64; the MCP rule allows 128). At least 40: the longest
+# prefix (24), the separator and a short form's digest must fit.
+EXTERNAL_MCP_TOOL_NAME_MAX_CHARS = config.integer("EXTERNAL_MCP_TOOL_NAME_MAX_CHARS", 64, minimum=40, maximum=128)
+
 TWINMCP_API_KEY_TOUCH_SECONDS = config.integer("TWINMCP_API_KEY_TOUCH_SECONDS", 300)
 TWINMCP_UPGRADE_URL = config.string("TWINMCP_UPGRADE_URL", "/billing/upgrade/")
 
