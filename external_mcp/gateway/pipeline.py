@@ -70,7 +70,7 @@ class McpProxy:
         extra = await quota.take(call, key)
         response = await transport.send(call, headers)
         async with response:
-            await relay.relay(call, response, receive, send, extra)
+            await relay.answer(call, response, receive, send, extra)
 
 
 async def settle(call: Call, send: Send) -> None:

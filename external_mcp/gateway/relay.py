@@ -72,8 +72,10 @@ def check_soon(server_id: Any) -> None:
     asyncio.get_running_loop().run_in_executor(None, queue_check, server_id)
 
 
-async def relay(call: Call, response: aiohttp.ClientResponse, receive: Receive, send: Send,
-                extra: list[tuple[bytes, bytes]]) -> None:
+async def answer(call: Call, response: aiohttp.ClientResponse, receive: Receive, send: Send,
+                 extra: list[tuple[bytes, bytes]]) -> None:
+    """The upstream's answer to the agent: refused statuses as errors, error statuses passed back
+    (filtered), an event stream relayed, a JSON answer screened whole; ``extra`` are the quota headers."""
     server = call.server
     assert server is not None
     call.upstream_status = status = response.status
