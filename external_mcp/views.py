@@ -32,6 +32,7 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_http_methods, require_POST
 
 from external_mcp import catalog, health, inbox, services, staleness, storable, tool_names
+from external_mcp.agent_configs import agent_configs
 from external_mcp.choices import STATUS_COLOURS, STATUS_SORT_ORDER, AuthType, ServerStatus, ToolState
 from external_mcp.forms import (
     CredentialsForm,
@@ -518,8 +519,14 @@ def _detail_page(request: HttpRequest, server: ExternalMcpServer, *, rotate_form
         "rotate_form": rotate_form or (_cred_form(server, server.auth_type) if can_admin else None),
         **_tools_context(request, server),
         **_credential_context(server),
+        **_connect_context(request, server),
     })
     return _render(request, "external_mcp/server_detail.html", context, status=status)
+
+
+def _connect_context(request: HttpRequest, server: ExternalMcpServer) -> dict[str, Any]:
+    url = request.build_absolute_uri(reverse("external_mcp-proxy", args=[server.pk]))
+    return {"endpoint_url": url, "agent_configs": agent_configs(name=server.prefix, url=url)}
 
 
 @login_required

@@ -463,3 +463,20 @@ def test_a_change_announced_by_another_process_reaches_the_gateway(admin, flag_o
         redis_lib.Redis.from_url(redis_url).publish(invalidation.CHANNEL, b"flush")
         wait_for(refused)
         assert refused()
+
+
+def test_the_python_configuration_shown_to_admins_lists_the_approved_tools(admin, flag_on, gateway):
+    """The snippet on the server page, run as an admin would paste it, with a real key."""
+    import subprocess
+    import sys
+
+    from external_mcp.agent_configs import agent_configs
+
+    with mcp_peers.default_peer() as peer:
+        server = register(admin, peer)
+        configs = agent_configs(name=server.prefix, url=proxy_url(gateway, server), key=admin.raw_key)
+        [python] = [config.text for config in configs if config.language == "python"]
+        result = subprocess.run([sys.executable, "-c", python], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert set(result.stdout.split()) == set(ExternalMcpServer.objects.get(pk=server.pk).tools.callable()
+                                             .values_list("name", flat=True))

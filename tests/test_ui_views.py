@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
+from html import unescape
 
 import pytest
 import trustme
@@ -531,3 +532,22 @@ def test_the_prefix_is_set_in_the_form_and_each_tool_shows_its_exposed_name(admi
     edit = admin_web.post(f"/servers/{derived.pk}/edit/", fields)
     assert edit.status_code == 302
     assert ExternalMcpServer.objects.get(pk=derived.pk).prefix == "crm"
+
+
+def test_the_server_page_shows_its_endpoint_and_a_configuration_per_client(admin_web, admin):
+    import json as json_lib
+    import shlex
+
+    server = make_server(admin, name="Acme CRM")
+    page = html(admin_web.get(f"/servers/{server.pk}/"))
+    url = f"http://testserver/api/v1/external-mcp/{server.pk}/mcp"
+    assert f'<code class="endpoint-url">{url}</code>' in page
+    blocks = [unescape(b) for b in re.findall(r'<code class="language-\w+">(.*?)</code>', page, re.DOTALL)]
+    assert len(blocks) == 5
+    desktop, claude_code, cursor, vscode, python = blocks
+    assert json_lib.loads(desktop)["mcpServers"]["acme-crm"]["args"][2] == url
+    assert shlex.split(claude_code)[:7] == ["claude", "mcp", "add", "--transport", "http", "acme-crm", url]
+    assert json_lib.loads(cursor)["mcpServers"]["acme-crm"]["url"] == url
+    assert json_lib.loads(vscode)["servers"]["acme-crm"]["headers"]["Authorization"] == "Bearer ${input:twinmcp-key}"
+    compile(python, "snippet.py", "exec")
+    assert "tmcp_" not in page  # no key on this page: the configurations carry a placeholder
