@@ -26,8 +26,9 @@ from prometheus_client import REGISTRY
 from tests.mcp_peers import reserve_port
 from twinmcp import services
 from usage import limiter as limiter_module
-from usage.limiter import QuotaDecision, QuotaUnavailable, UsageLimiter, get_limiter, next_reset
+from usage.limiter import UsageLimiter, get_limiter
 from usage.models import QuotaCounter, QuotaEpoch, UsageEvent
+from usage.quota import QuotaDecision, QuotaUnavailable, next_reset
 from usage.quota_redis import CONSUME_SCRIPT, EPOCH_KEY, EXPIRY_GRACE_SECONDS, quota_key
 
 LIMIT = 200

@@ -20,8 +20,9 @@ from rest_framework.test import APIClient
 from tests.test_usage_aggregation import at, ev, make_server, store
 from twinmcp import services as core
 from usage import aggregation
-from usage.limiter import get_limiter, next_reset
+from usage.limiter import get_limiter
 from usage.models import UsageEvent
+from usage.quota import next_reset
 from usage.quota_redis import quota_key
 
 URL = "/api/v1/external-mcp/usage"

@@ -30,9 +30,10 @@ from twinmcp.pagination import PAGINATION_PARAMETERS, BoundedLimitOffsetPaginati
 from twinmcp.scoping import key_workspace_ids
 from twinmcp.services import profile_ensure
 from usage import exports
-from usage.limiter import QuotaUnavailable, get_limiter
+from usage.limiter import get_limiter
 from usage.models import UsageDaily, UsageEvent
 from usage.queries import UsageQuery, iso
+from usage.quota import QuotaUnavailable
 from usage.serializers import (
     QuotaStatusSerializer,
     UsageExportQuerySerializer,

@@ -34,12 +34,10 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
-from datetime import time as dt_time
+from datetime import date, datetime
 from typing import Any, TypeVar
 
 import redis
@@ -47,18 +45,31 @@ import redis.asyncio
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import Error as DatabaseError
-from django.db import close_old_connections, connection, connections, transaction
-from django.db.models import F
+from django.db import close_old_connections, connection, connections
 from prometheus_client import Counter, Gauge
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from usage.quota import (
+    DATABASE,
+    REDIS,
+    UNCOUNTED,
+    QuotaDecision,
+    QuotaUnavailable,
+    make_decision,
+    next_reset,
+    peek_decision,
+    settle_seconds,
+    utc,
+)
+from usage.quota_db import committed_uses, db_consume, db_peek, db_refund, epoch_start
 from usage.quota_redis import (
     EPOCH_KEY,
     EXPIRY_GRACE_SECONDS,
     NEEDS_SEED,
     NO_EPOCH,
+    REDIS_ERRORS,
     SETTLING,
+    RedisDown,
     quota_key,
     ticket_key,
 )
@@ -68,16 +79,11 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-REDIS = "redis"
-DATABASE = "database"
-UNCOUNTED = ""  # an uncapped call let through while Redis could not count it: nothing to refund
 
 # One attempt's socket timeout; a slow Redis gets more attempts until EXTERNAL_MCP_QUOTA_REDIS_WAIT_MS.
 REDIS_SOCKET_TIMEOUT = 0.5
 # After Redis failed, calls skip it (capped: 503 at once) for this long instead of each waiting.
 REDIS_RETRY_INTERVAL = 1.0
-# How long after a call's upstream timeout its usage event is surely committed.
-SETTLE_SECONDS = 5
 # At most one "Redis is down" warning per this many seconds (per limiter, i.e. per process).
 WARNING_INTERVAL_SECONDS = 60.0
 
@@ -90,63 +96,6 @@ UNAVAILABLE_ACTIVE = Gauge(
     "1 while this process cannot decide capped quotas (Redis unreachable or a reset settling), 0 otherwise.",
     multiprocess_mode="livemax",
 )
-
-_REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError)
-
-
-class QuotaUnavailable(Exception):
-    """The quota cannot be decided now: the caller must refuse the call (503 + Retry-After),
-    never let it through uncounted."""
-
-    def __init__(self, message: str, *, retry_after: int = 1) -> None:
-        super().__init__(message)
-        self.retry_after = max(1, retry_after)
-
-
-class _RedisDown(Exception):
-    """Redis did not answer a step (or is skipped for a moment after failing)."""
-
-
-@dataclass(frozen=True, slots=True)
-class QuotaDecision:
-    """The outcome of one quota check, with what a 429 response or a usage badge needs."""
-
-    allowed: bool
-    limit: int | None  # None = uncapped
-    used: int  # after this call if allowed; current usage if refused (or peeked)
-    remaining: int | None  # None when uncapped
-    reset_at: datetime  # next 00:00 UTC (aware, UTC)
-    backend: str  # REDIS, DATABASE, or UNCOUNTED: which store counted this call
-    ticket: str = ""  # the Redis ticket a refund names
-
-    @property
-    def retry_after(self) -> int:
-        """Whole seconds from now until ``reset_at`` (at least 1): a Retry-After header value."""
-        return max(1, math.ceil((self.reset_at - datetime.now(UTC)).total_seconds()))
-
-    @property
-    def day(self) -> date:
-        """The UTC day whose counter this decision counted on (a refund after midnight goes there)."""
-        return (self.reset_at - timedelta(days=1)).date()
-
-
-def _utc(now: datetime | None) -> datetime:
-    """``now`` as an aware UTC datetime; a naive value is taken to be UTC already."""
-    if now is None:
-        return datetime.now(UTC)
-    if now.tzinfo is None:
-        return now.replace(tzinfo=UTC)
-    return now.astimezone(UTC)
-
-
-def next_reset(now: datetime | None = None) -> datetime:
-    """The next 00:00 UTC after ``now`` (default: the current time): when daily counters reset."""
-    return datetime.combine(_utc(now).date() + timedelta(days=1), dt_time.min, tzinfo=UTC)
-
-
-def settle_seconds() -> int:
-    """How long calls admitted before a Redis reset may still be running, plus their commit."""
-    return math.ceil(settings.EXTERNAL_MCP_PROXY_TIMEOUT_MS / 1000) + SETTLE_SECONDS
 
 
 def _ttl_seconds(now: datetime) -> int:
@@ -167,16 +116,6 @@ def _check_arguments(limit: int | None, amount: int = 1) -> None:
         raise ValueError(f"limit must be None (uncapped) or at least 0, not {limit!r}")
 
 
-def _decision(*, allowed: bool, limit: int | None, used: int, now: datetime, backend: str,
-              ticket: str = "") -> QuotaDecision:
-    remaining = None if limit is None else max(limit - used, 0)
-    return QuotaDecision(allowed, limit, used, remaining, next_reset(now), backend, ticket)
-
-
-def _peek_decision(limit: int | None, used: int, now: datetime, backend: str) -> QuotaDecision:
-    return _decision(allowed=limit is None or used < limit, limit=limit, used=used, now=now, backend=backend)
-
-
 # Whether this process currently cannot decide capped quotas. Process-wide, like the gauge it
 # mirrors; only flips take the lock.
 _unavailable_lock = threading.Lock()
@@ -191,60 +130,6 @@ def _set_unavailable(active: bool) -> bool:
         _unavailable = active
         UNAVAILABLE_ACTIVE.set(1 if active else 0)
     return True
-
-
-# -- the durable side ------------------------------------------------------------------------------
-
-
-def committed_uses(user_id: int, day: date) -> int:
-    """The uses charged to ``user_id`` on ``day`` in committed usage events: the seed of a counter."""
-    from usage.models import UsageEvent
-
-    return UsageEvent.objects.counted_for(user_id=user_id, day=day).count()
-
-
-# The PostgreSQL advisory lock that makes starting an epoch happen once, whoever finds Redis empty.
-EPOCH_LOCK = 0x71C0_7A02
-
-
-@contextmanager
-def _epoch_lock() -> Iterator[None]:
-    if connection.vendor != "postgresql":
-        yield
-        return
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_advisory_lock(%s)", [EPOCH_LOCK])
-    try:
-        yield
-    finally:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_unlock(%s)", [EPOCH_LOCK])
-
-
-def epoch_start(client: redis.Redis, script: Any, now: datetime) -> None:
-    """Record a new quota epoch and set Redis's marker, once: processes that find Redis empty
-    together queue on a lock and all but the first find the marker set. The very first epoch
-    waits for nothing (no call was ever admitted by Redis before it); a later one refuses capped
-    plans until calls admitted before the reset have settled. The row is committed before the
-    marker is set, so a marker never exists without the row that says an epoch began."""
-    from usage.models import QuotaEpoch
-
-    with _epoch_lock():
-        try:
-            if client.exists(EPOCH_KEY):
-                return
-        except _REDIS_ERRORS as exc:
-            raise _RedisDown() from exc
-        first = not QuotaEpoch.objects.exists()
-        wait = 0 if first else settle_seconds()
-        QuotaEpoch.objects.create(started_at=now, refuse_capped_until=now + timedelta(seconds=wait))
-        try:
-            script(keys=[EPOCH_KEY], args=[wait * 1000], client=client)
-        except _REDIS_ERRORS as exc:
-            raise _RedisDown() from exc
-    if not first:
-        logger.warning("Redis lost the quota counters (restarted empty or flushed): capped plans get 503 for %s s "
-                       "while calls admitted before settle", wait)
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,7 +176,8 @@ def _consume_flow(user_id: int, limit: int | None, amount: int, now: datetime) -
             raise QuotaUnavailable("the quota counters are settling after a Redis reset",
                                    retry_after=math.ceil(int(value) / 1000))
         else:
-            return _decision(allowed=bool(code), limit=limit, used=int(value), now=now, backend=REDIS, ticket=ticket)
+            return make_decision(allowed=bool(code), limit=limit, used=int(value), now=now, backend=REDIS,
+                                 ticket=ticket)
     raise QuotaUnavailable("the quota counter could not be initialised")
 
 
@@ -300,11 +186,11 @@ def _peek_flow(user_id: int, limit: int | None, now: datetime) -> Flow[QuotaDeci
     many uses are charged."""
     try:
         raw = yield _Get(quota_key(user_id, now.date()))
-    except _RedisDown:
+    except RedisDown:
         raw = None
     if raw is None:
-        return _peek_decision(limit, (yield _Db(committed_uses, (user_id, now.date()))), now, DATABASE)
-    return _peek_decision(limit, int(raw), now, REDIS)
+        return peek_decision(limit, (yield _Db(committed_uses, (user_id, now.date()))), now, DATABASE)
+    return peek_decision(limit, int(raw), now, REDIS)
 
 
 def _refund_flow(user_id: int, refunded_total: int, ticket: str, day: date) -> Flow[None]:
@@ -347,12 +233,12 @@ class UsageLimiter:
         """Count ``amount`` uses for today unless that would pass ``limit`` (None: never refuse).
         Raises ``QuotaUnavailable`` when a capped call cannot be decided."""
         _check_arguments(limit, amount)
-        now = _utc(now)
+        now = utc(now)
         if not self.redis_url:
-            return await self._in_db_worker(_db_consume, user_id, limit, amount, now)
+            return await self._in_db_worker(db_consume, user_id, limit, amount, now)
         try:
             return self._decided(await self._arun(_consume_flow(user_id, limit, amount, now)))
-        except (_RedisDown, QuotaUnavailable) as exc:
+        except (RedisDown, QuotaUnavailable) as exc:
             return self._undecided(limit, now, exc)
 
     def consume(
@@ -360,12 +246,12 @@ class UsageLimiter:
     ) -> QuotaDecision:
         """Synchronous ``aconsume`` (management commands, sync views, tests)."""
         _check_arguments(limit, amount)
-        now = _utc(now)
+        now = utc(now)
         if not self.redis_url:
-            return _db_call(_db_consume, user_id, limit, amount, now)
+            return _db_call(db_consume, user_id, limit, amount, now)
         try:
             return self._decided(self._run(_consume_flow(user_id, limit, amount, now)))
-        except (_RedisDown, QuotaUnavailable) as exc:
+        except (RedisDown, QuotaUnavailable) as exc:
             return self._undecided(limit, now, exc)
 
     async def arefund(self, user_id: int, decision: QuotaDecision, amount: int, *,
@@ -379,24 +265,24 @@ class UsageLimiter:
             if decision.backend == REDIS and self.redis_url and decision.ticket:
                 await self._arun(_refund_flow(user_id, refunded_total or amount, decision.ticket, decision.day))
             elif decision.backend == DATABASE:
-                await self._in_db_worker(_db_refund, user_id, amount, decision.day)
-        except (_RedisDown, QuotaUnavailable) as exc:
+                await self._in_db_worker(db_refund, user_id, amount, decision.day)
+        except (RedisDown, QuotaUnavailable) as exc:
             logger.warning("could not refund %s use(s) of user %s: %s", amount, user_id, exc)
 
     async def apeek(self, user_id: int, limit: int | None, *, now: datetime | None = None) -> QuotaDecision:
         """Today's usage without counting anything; ``allowed`` says whether one more use would pass."""
         _check_arguments(limit)
-        now = _utc(now)
+        now = utc(now)
         if not self.redis_url:
-            return await self._in_db_worker(_db_peek, user_id, limit, now)
+            return await self._in_db_worker(db_peek, user_id, limit, now)
         return await self._arun(_peek_flow(user_id, limit, now))
 
     def peek(self, user_id: int, limit: int | None, *, now: datetime | None = None) -> QuotaDecision:
         """Synchronous ``apeek``."""
         _check_arguments(limit)
-        now = _utc(now)
+        now = utc(now)
         if not self.redis_url:
-            return _db_call(_db_peek, user_id, limit, now)
+            return _db_call(db_peek, user_id, limit, now)
         return self._run(_peek_flow(user_id, limit, now))
 
     async def aclose(self) -> None:
@@ -435,7 +321,7 @@ class UsageLimiter:
         """No decision could be made: an uncapped call goes on (its event still counts it), a
         capped one is refused."""
         if limit is None:
-            return _decision(allowed=True, limit=None, used=0, now=now, backend=UNCOUNTED)
+            return make_decision(allowed=True, limit=None, used=0, now=now, backend=UNCOUNTED)
         UNAVAILABLE_TOTAL.inc()
         _set_unavailable(True)
         if isinstance(exc, QuotaUnavailable):
@@ -446,7 +332,7 @@ class UsageLimiter:
     async def _arun(self, flow: Flow[T]) -> T:
         client, scripts = self._async_client()
         reply: Any = None
-        failure: _RedisDown | None = None
+        failure: RedisDown | None = None
         while True:
             try:
                 step = flow.throw(failure) if failure is not None else flow.send(reply)
@@ -461,14 +347,14 @@ class UsageLimiter:
                 await self._in_db_worker(epoch_start, sync_client, sync_scripts["epoch"], step.now)
                 continue
             if not self._redis_usable():
-                failure = _RedisDown()
+                failure = RedisDown()
                 continue
             retry = _Retry()
             while True:
                 try:
                     reply = await (client.get(step.key) if isinstance(step, _Get)
                                    else scripts[step.name](keys=step.keys, args=step.args, client=client))
-                except _REDIS_ERRORS as exc:
+                except REDIS_ERRORS as exc:
                     pause = retry.after(exc)
                     if pause is None:
                         failure = self._redis_failed(exc)
@@ -482,7 +368,7 @@ class UsageLimiter:
         """Synchronous ``_arun``: database steps run in the caller's thread (and transaction)."""
         client, scripts = self._sync_client()
         reply: Any = None
-        failure: _RedisDown | None = None
+        failure: RedisDown | None = None
         while True:
             try:
                 step = flow.throw(failure) if failure is not None else flow.send(reply)
@@ -496,14 +382,14 @@ class UsageLimiter:
                 _db_call(epoch_start, client, scripts["epoch"], step.now)
                 continue
             if not self._redis_usable():
-                failure = _RedisDown()
+                failure = RedisDown()
                 continue
             retry = _Retry()
             while True:
                 try:
                     reply = (client.get(step.key) if isinstance(step, _Get)
                              else scripts[step.name](keys=step.keys, args=step.args, client=client))
-                except _REDIS_ERRORS as exc:
+                except REDIS_ERRORS as exc:
                     pause = retry.after(exc)
                     if pause is None:
                         failure = self._redis_failed(exc)
@@ -543,7 +429,7 @@ class UsageLimiter:
     def _redis_usable(self) -> bool:
         return not self._skip_redis_until or time.monotonic() >= self._skip_redis_until
 
-    def _redis_failed(self, exc: BaseException) -> _RedisDown:
+    def _redis_failed(self, exc: BaseException) -> RedisDown:
         now = time.monotonic()
         if self.redis_retry_interval > 0:
             self._skip_redis_until = now + self.redis_retry_interval
@@ -551,13 +437,13 @@ class UsageLimiter:
         with self._lock:
             if now - self._last_warning < WARNING_INTERVAL_SECONDS:
                 self._suppressed_warnings += 1
-                return _RedisDown()
+                return RedisDown()
             suppressed, self._suppressed_warnings, self._last_warning = self._suppressed_warnings, 0, now
         logger.warning(
             "Redis unavailable for quota counters (%s: %s); capped plans get 503 until it answers%s",
             type(exc).__name__, exc, f" ({suppressed} similar failures not logged)" if suppressed else "",
         )
-        return _RedisDown()
+        return RedisDown()
 
     def _redis_answered(self) -> None:
         if self._skip_redis_until:
@@ -624,42 +510,6 @@ def _run_in_worker(fn: Callable[..., T], *args: Any) -> T:
         return _db_call(fn, *args)
     finally:
         close_old_connections()
-
-
-def _db_consume(user_id: int, limit: int | None, amount: int, now: datetime) -> QuotaDecision:
-    from usage.models import QuotaCounter
-
-    day = now.date()
-    counter = QuotaCounter.objects.filter(user_id=user_id, day=day)
-    # used + amount <= limit, in the WHERE clause: the database re-checks it on the locked row,
-    # so concurrent calls cannot overshoot (PostgreSQL row lock; SQLite's write lock).
-    target = counter if limit is None else counter.filter(used__lte=limit - amount)
-    changes = {"used": F("used") + amount, "updated_at": now}
-    with transaction.atomic():
-        allowed = target.update(**changes) == 1
-        if not allowed:
-            # First use of the day (or over the limit): make sure the row exists, then retry.
-            QuotaCounter.objects.bulk_create(
-                [QuotaCounter(user_id=user_id, day=day, used=0, updated_at=now)], ignore_conflicts=True
-            )
-            allowed = target.update(**changes) == 1
-        # Same transaction: our own update is visible and the row stays locked until commit.
-        used = counter.values_list("used", flat=True).get()
-    return _decision(allowed=allowed, limit=limit, used=used, now=now, backend=DATABASE)
-
-
-def _db_refund(user_id: int, amount: int, day: date) -> None:
-    from usage.models import QuotaCounter
-
-    QuotaCounter.objects.filter(user_id=user_id, day=day, used__gte=amount).update(
-        used=F("used") - amount, updated_at=datetime.now(UTC))
-
-
-def _db_peek(user_id: int, limit: int | None, now: datetime) -> QuotaDecision:
-    from usage.models import QuotaCounter
-
-    used = QuotaCounter.objects.filter(user_id=user_id, day=now.date()).values_list("used", flat=True).first()
-    return _peek_decision(limit, used or 0, now, DATABASE)
 
 
 _limiter: UsageLimiter | None = None

@@ -7,12 +7,20 @@ from __future__ import annotations
 from datetime import date
 from typing import Any
 
+from redis.exceptions import RedisError
+
+REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError)
+
 KEY_PREFIX = "twinmcp:quota"
 EPOCH_KEY = "twinmcp:quota-epoch"
 TICKET_PREFIX = "twinmcp:quota-ticket"
 # Keys outlive their day by this much, so a request that computed its key just before midnight
 # still finds the right day's counter; the UTC date in the key keeps days apart anyway.
 EXPIRY_GRACE_SECONDS = 3600
+
+class RedisDown(Exception):
+    """Redis did not answer a step (or is skipped for a moment after failing)."""
+
 
 def quota_key(user_id: int, day: date) -> str:
     """The Redis key of one user's counter for one UTC day."""

@@ -11,8 +11,8 @@ from external_mcp.gateway.answers import Screen
 from external_mcp.gateway.errors import ProxyError
 from external_mcp.proxy_cache import KeyInfo, ServerInfo
 from usage.events import Reply
-from usage.limiter import QuotaDecision
 from usage.models import Outcome
+from usage.quota import QuotaDecision
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]

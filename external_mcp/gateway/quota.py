@@ -11,8 +11,9 @@ from external_mcp.gateway.call import Call
 from external_mcp.gateway.errors import ProxyError
 from external_mcp.jsonrpc import id_key, is_request
 from external_mcp.proxy_cache import KeyInfo
-from usage.limiter import QuotaUnavailable, get_limiter
+from usage.limiter import get_limiter
 from usage.models import Outcome
+from usage.quota import QuotaUnavailable
 
 
 async def take(call: Call, key: KeyInfo) -> list[tuple[bytes, bytes]]:
