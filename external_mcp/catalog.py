@@ -43,7 +43,11 @@ def canonical_definition(tool: dict[str, Any]) -> dict[str, Any]:
 
 
 def definition_hash(definition: dict[str, Any]) -> str:
-    return hashlib.sha256(storable.utf8(storable.canonical_json(definition))).hexdigest()
+    return _digest(storable.canonical_json(definition))
+
+
+def _digest(canonical: str) -> str:
+    return hashlib.sha256(storable.utf8(canonical)).hexdigest()
 
 
 def is_tool_entry(raw: Any) -> bool:
@@ -81,7 +85,7 @@ def _judge(raw: dict[str, Any]) -> Listed:
     definition = canonical_definition(raw)
     text = storable.canonical_json(definition)
     size = len(storable.utf8(text))
-    digest = hashlib.sha256(storable.utf8(text)).hexdigest()
+    digest = _digest(text)
     listed = Listed(key=tool_names.catalog_key(name), definition=definition, digest=digest, size=size)
     name_problem = tool_names.refusal(name)
     if size > MAX_DEFINITION_BYTES:
@@ -236,7 +240,7 @@ def catalog_quarantine(*, server: ExternalMcpServer, tools: Iterable[Any], now: 
 def _select(server: ExternalMcpServer, names: list[str] | None, select_all: bool) -> list[ExternalMcpTool]:
     tools = ExternalMcpTool.objects.select_for_update().filter(server=server)
     if select_all:
-        return list(tools.exclude(state__in=(ToolState.REMOVED, ToolState.REFUSED)).filter(refusal_reason=""))
+        return list(tools.listed().filter(refusal_reason=""))
     if not names:
         raise ValidationError({"names": ["Give tool names, or all=true."]})
     found = {t.name: t for t in tools.filter(name__in=names)}
