@@ -265,17 +265,13 @@ def server_update(
     moved = "base_url" in changes and _moves(old_url, server.base_url)
     if "enabled" in changes or "base_url" in changes:
         server.next_check_at = timezone.now()
-    if auth_type is not None and auth_type != server.auth_type:
-        clean = _clean_auth(auth_type, credentials)
-        server.auth_type = auth_type
-        changes["auth_type"] = auth_type
-        _store_credentials(server=server, clean=clean, expires_at=expires_at, rotated=True)
-        if clean is not None:
-            changes["fingerprint"] = crypto.fingerprint(clean.payload)
-    elif moved and server.auth_type != AuthType.NONE:
-        if credentials is None:
+    new_auth = auth_type is not None and auth_type != server.auth_type
+    if new_auth or (moved and server.auth_type != AuthType.NONE):
+        if not new_auth and credentials is None:
             raise ValidationError({"credentials": [MOVE_NEEDS_CREDENTIALS]})
-        clean = _clean_auth(server.auth_type, credentials)
+        clean = _clean_auth(auth_type if new_auth else server.auth_type, credentials)
+        if new_auth:
+            server.auth_type = changes["auth_type"] = auth_type
         _store_credentials(server=server, clean=clean, expires_at=expires_at, rotated=True)
         if clean is not None:
             changes["fingerprint"] = crypto.fingerprint(clean.payload)
