@@ -61,6 +61,17 @@ class AuditAction(models.TextChoices):
     DECRYPT_FAILED = "credentials.decrypt_failed", "Credentials could not be decrypted"
     TOOLS_APPROVE = "tools.approve", "Tools approved"
     TOOLS_DISABLE = "tools.disable", "Tools disabled"
+    TOOLSET_CREATE = "toolset.create", "Toolset created"
+    TOOLSET_UPDATE = "toolset.update", "Toolset updated"
+    TOOLSET_DELETE = "toolset.delete", "Toolset deleted"
+
+
+class PrefixMode(models.TextChoices):
+    """How a toolset names its tools: ``<prefix>__<tool>`` always, or the upstream names as they are
+    (only while no two of its tools share one)."""
+
+    ALWAYS = "always", "Always prefixed"
+    NEVER = "never", "Never prefixed"
 
 
 class ToolState(models.TextChoices):

@@ -13,7 +13,15 @@ from django.db.models.functions import Coalesce, Lower
 from django.utils import timezone
 
 from external_mcp import staleness
-from external_mcp.choices import AuditAction, AuthType, NotificationKind, ServerStatus, ToolState, Transport
+from external_mcp.choices import (
+    AuditAction,
+    AuthType,
+    NotificationKind,
+    PrefixMode,
+    ServerStatus,
+    ToolState,
+    Transport,
+)
 from external_mcp.exposed_names import PREFIX_MAX_CHARS
 from external_mcp.tool_names import STORED_CHARS
 from twinmcp.models import Membership, Role, Workspace
@@ -242,6 +250,39 @@ class ExternalMcpTool(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.state})"
+
+
+class ToolsetQuerySet(models.QuerySet["Toolset"]):
+    def visible_to(self, user: object) -> ToolsetQuerySet:
+        return self.filter(workspace__memberships__user=user).distinct()
+
+
+class Toolset(models.Model):
+    """A named subset of a workspace's servers and tools with its own MCP endpoint. A member server
+    brings every tool it has approved, now and later; a member tool only itself."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    workspace = models.ForeignKey(Workspace, on_delete=models.CASCADE, related_name="toolsets")
+    name = models.CharField(max_length=100)
+    description = models.TextField(blank=True, default="")
+    prefix_mode = models.CharField(max_length=8, choices=PrefixMode.choices, default=PrefixMode.ALWAYS)
+    servers = models.ManyToManyField(ExternalMcpServer, blank=True, related_name="toolsets")
+    tools = models.ManyToManyField(ExternalMcpTool, blank=True, related_name="toolsets")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = ToolsetQuerySet.as_manager()
+
+    class Meta:
+        db_table = "external_mcp_toolsets"
+        ordering = ["name"]
+        constraints = [models.UniqueConstraint("workspace", Lower("name"), name="external_mcp_toolset_name_unique")]
+
+    def __str__(self) -> str:
+        return self.name
 
 
 class NotificationQuerySet(models.QuerySet["Notification"]):

@@ -86,12 +86,14 @@ class TTLCache:
 
 keys = TTLCache()
 servers = TTLCache()
+flags = TTLCache()
 invalidation.on_flush(keys.clear)
 invalidation.on_flush(servers.clear)
+invalidation.on_flush(flags.clear)
 _inflight: dict[tuple[int, Any], asyncio.Future[Any]] = {}
 
 
-async def _single_flight(cache: TTLCache, key: Any, load: Callable[[], Awaitable[Any]]) -> Any:
+async def single_flight(cache: TTLCache, key: Any, load: Callable[[], Awaitable[Any]]) -> Any:
     """One load per key at a time: when an entry expires under load, the concurrent requests
     wait for the same database round trip instead of each making their own."""
     value = cache.get(key)
@@ -127,7 +129,7 @@ def _load_key(raw: str) -> KeyInfo:
 
 async def get_key(raw: str) -> KeyInfo:
     digest = hash_key(raw)
-    info: KeyInfo = await _single_flight(keys, digest, lambda: sync_to_async(_load_key, thread_sensitive=False)(raw))
+    info: KeyInfo = await single_flight(keys, digest, lambda: sync_to_async(_load_key, thread_sensitive=False)(raw))
     if info.expires_at is not None and info.expires_at.timestamp() <= time.time():
         keys.items.pop(digest, None)
         raise ApiKeyError("This API key has expired.")
@@ -145,16 +147,31 @@ class _FlagRequest:
         self.META: dict[str, str] = {}
 
 
+def _flag_on(user_id: int, workspace_id: Any) -> bool:
+    from django.contrib.auth import get_user_model
+
+    user = get_user_model().objects.get(pk=user_id)
+    return external_mcp_enabled(_FlagRequest(user), workspace_ids=[workspace_id])
+
+
+def _load_flag(user_id: int, workspace_id: Any) -> bool:
+    close_old_connections()
+    return _flag_on(user_id, workspace_id)
+
+
+async def flag_on(key: KeyInfo) -> bool:
+    """Whether external MCP servers are switched on for the key's user in its workspace."""
+    return await single_flight(flags, (key.user_id, key.workspace_id),
+                               lambda: sync_to_async(_load_flag, thread_sensitive=False)(key.user_id, key.workspace_id))
+
+
 def _load_server(server_id: Any, user_id: int, workspace_id: Any) -> ServerInfo | None:
     close_old_connections()
     server = (ExternalMcpServer.objects.select_related("credential")
               .filter(pk=server_id, workspace_id=workspace_id).first())
     if server is None:
         return None  # unknown, or another workspace's: nothing of it is loaded, nothing decrypted
-    from django.contrib.auth import get_user_model
-
-    user = get_user_model().objects.get(pk=user_id)
-    flag_on = external_mcp_enabled(_FlagRequest(user), workspace_ids=[server.workspace_id])
+    flag_on = _flag_on(user_id, server.workspace_id)
     headers: dict[str, str] = {}
     context: ssl.SSLContext | bool = False
     error = ""
@@ -176,9 +193,13 @@ def _load_server(server_id: Any, user_id: int, workspace_id: Any) -> ServerInfo 
 
 async def get_server(server_id: Any, key: KeyInfo) -> ServerInfo | None:
     """The server as the key's user sees it, or None when it is not in the key's workspace."""
-    return await _single_flight(
-        servers, (server_id, key.user_id, key.workspace_id),
-        lambda: sync_to_async(_load_server, thread_sensitive=False)(server_id, key.user_id, key.workspace_id),
+    return await server_for(server_id, key.user_id, key.workspace_id)
+
+
+async def server_for(server_id: Any, user_id: int, workspace_id: Any) -> ServerInfo | None:
+    return await single_flight(
+        servers, (server_id, user_id, workspace_id),
+        lambda: sync_to_async(_load_server, thread_sensitive=False)(server_id, user_id, workspace_id),
     )
 
 
@@ -213,4 +234,5 @@ def tool_refusal(info: ServerInfo, name: str) -> str | None:
     return reasons.get(state, reasons[None])
 
 
-__all__ = ["ApiKeyError", "KeyInfo", "ServerInfo", "get_key", "get_server", "pinned", "tool_refusal"]
+__all__ = ["ApiKeyError", "KeyInfo", "ServerInfo", "flag_on", "get_key", "get_server", "pinned", "server_for",
+           "tool_refusal"]

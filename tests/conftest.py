@@ -135,7 +135,7 @@ def proxy_settings(settings, redis_url):
     change and the next call, no quota left from an earlier test."""
     import redis as redis_lib
 
-    from external_mcp import proxy_cache
+    from external_mcp import proxy_cache, served_catalog
 
     settings.ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
     settings.EXTERNAL_MCP_ALLOWED_PROTOCOLS = ["https", "http"]
@@ -143,9 +143,12 @@ def proxy_settings(settings, redis_url):
     settings.EXTERNAL_MCP_PROXY_CACHE_SECONDS = 0
     proxy_cache.keys.clear()
     proxy_cache.servers.clear()
+    proxy_cache.flags.clear()
+    served_catalog.views.clear()
     client = redis_lib.Redis.from_url(redis_url)
-    for key in client.scan_iter("twinmcp:quota:*"):
-        client.delete(key)
+    for pattern in ("twinmcp:quota:*", "twinmcp:mcp-session*"):
+        for key in client.scan_iter(pattern):
+            client.delete(key)
     client.close()
 
 

@@ -25,8 +25,8 @@ def test_a_load_that_overlaps_a_flush_is_not_cached(settings):
         return "fresh"
 
     async def scenario() -> tuple[str, str]:
-        first = await proxy_cache._single_flight(cache, "k", load_during_a_flush)
-        return first, await proxy_cache._single_flight(cache, "k", fresh)
+        first = await proxy_cache.single_flight(cache, "k", load_during_a_flush)
+        return first, await proxy_cache.single_flight(cache, "k", fresh)
 
     assert asyncio.run(scenario()) == ("stale", "fresh")
     assert cache.get("k") == "fresh"

@@ -22,7 +22,7 @@ def test_concurrent_misses_make_one_load_and_errors_reach_every_waiter():
         return "value"
 
     async def scenario():
-        return await asyncio.gather(*(proxy_cache._single_flight(cache, "k", load) for _ in range(20)))
+        return await asyncio.gather(*(proxy_cache.single_flight(cache, "k", load) for _ in range(20)))
 
     assert asyncio.run(scenario()) == ["value"] * 20
     assert len(loads) == 1
@@ -32,7 +32,7 @@ def test_concurrent_misses_make_one_load_and_errors_reach_every_waiter():
         raise proxy_cache.ApiKeyError("Unknown API key.")
 
     async def scenario_error():
-        return await asyncio.gather(*(proxy_cache._single_flight(cache, "bad", failing) for _ in range(3)),
+        return await asyncio.gather(*(proxy_cache.single_flight(cache, "bad", failing) for _ in range(3)),
                                     return_exceptions=True)
 
     assert all(isinstance(e, proxy_cache.ApiKeyError) for e in asyncio.run(scenario_error()))

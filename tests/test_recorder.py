@@ -21,6 +21,7 @@ def event(i: int, *, workspace_id: uuid.UUID) -> dict:
     return {
         "created_at": datetime(2026, 11, 24, 12, 0, i % 60, tzinfo=UTC), "user_id": i if i % 3 else None,
         "workspace_id": workspace_id, "server_id": uuid.uuid4(), "api_key_id": None if i % 2 else uuid.uuid4(),
+        "endpoint": ("server", "workspace", "toolset")[i % 3], "toolset_id": uuid.uuid4() if i % 3 == 2 else None,
         "method": "tools/call" if i % 4 else "ping", "tool_name": f"outil-é-{i}" if i % 4 else "",
         "jsonrpc_id": str(i), "request_id": uuid.uuid4().hex, "tokens_in": i, "tokens_out": 2 * i, "bytes_in": 3 * i,
         "bytes_out": 2**40 + i, "latency_ms": i / 7, "upstream_status": None if i % 5 == 0 else 200,

@@ -285,6 +285,12 @@ EXTERNAL_MCP_HEALTH_STALE_INTERVALS = config.integer("EXTERNAL_MCP_HEALTH_STALE_
 # this many characters (many clients cut at 64; the MCP rule allows 128). At least 40: the longest
 # prefix (24), the separator and a short form's digest must fit.
 EXTERNAL_MCP_TOOL_NAME_MAX_CHARS = config.integer("EXTERNAL_MCP_TOOL_NAME_MAX_CHARS", 64, minimum=40, maximum=128)
+# The workspace and toolset endpoints: tools per tools/list page, how long one member's resources or
+# prompts list may take before the list goes without it, and how long an idle agent session (and the
+# upstream sessions TwinMCP opened for it) lives.
+EXTERNAL_MCP_TOOLS_PAGE_SIZE = config.integer("EXTERNAL_MCP_TOOLS_PAGE_SIZE", 500, minimum=1, maximum=5000)
+EXTERNAL_MCP_FANOUT_TIMEOUT_MS = config.integer("EXTERNAL_MCP_FANOUT_TIMEOUT_MS", 3000, minimum=100)
+EXTERNAL_MCP_SESSION_IDLE_SECONDS = config.integer("EXTERNAL_MCP_SESSION_IDLE_SECONDS", 3600, minimum=60)
 
 TWINMCP_API_KEY_TOUCH_SECONDS = config.integer("TWINMCP_API_KEY_TOUCH_SECONDS", 300)
 TWINMCP_UPGRADE_URL = config.string("TWINMCP_UPGRADE_URL", "/billing/upgrade/")

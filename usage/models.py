@@ -58,6 +58,14 @@ class Outcome(models.TextChoices):
     CLIENT_DISCONNECT = "client_disconnect", "Client disconnected"
 
 
+class Endpoint(models.TextChoices):
+    """Which gateway endpoint a request came through."""
+
+    SERVER = "server", "Server endpoint"
+    WORKSPACE = "workspace", "Workspace endpoint"
+    TOOLSET = "toolset", "Toolset endpoint"
+
+
 class UsageEventQuerySet(models.QuerySet["UsageEvent"]):
     def counted_for(self, *, user_id: int, day: date) -> UsageEventQuerySet:
         """The uses charged to a user on a UTC day: the quota's durable truth."""
@@ -94,6 +102,9 @@ class UsageEvent(models.Model):
     jsonrpc_error_code = models.IntegerField(null=True, blank=True)
     outcome = models.CharField(max_length=20, choices=Outcome.choices)
     counted = models.BooleanField(default=False)
+    endpoint = models.CharField(max_length=16, choices=Endpoint.choices, default=Endpoint.SERVER)
+    toolset = models.ForeignKey("external_mcp.Toolset", null=True, blank=True, on_delete=models.DO_NOTHING,
+                                db_constraint=False, db_index=False, related_name="+")
 
     objects = UsageEventQuerySet.as_manager()
 

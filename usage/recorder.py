@@ -28,7 +28,7 @@ logger = logging.getLogger("usage.recorder")
 COLUMNS = (
     "created_at", "user_id", "workspace_id", "server_id", "api_key_id", "method", "tool_name", "jsonrpc_id",
     "request_id", "tokens_in", "tokens_out", "bytes_in", "bytes_out", "latency_ms", "upstream_status",
-    "jsonrpc_error_code", "outcome", "counted",
+    "jsonrpc_error_code", "outcome", "counted", "endpoint", "toolset_id",
 )
 MAX_BATCH = 500
 

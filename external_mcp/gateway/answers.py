@@ -32,9 +32,10 @@ class InvalidAnswer(Exception):
 
 class Screen:
     def __init__(self, requests: Sequence[dict[str, Any]], allowed: Callable[[dict[str, Any]], bool], *,
-                 replay: bool = False) -> None:
+                 replay: bool = False, outgoing: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
         self.allowed = allowed
         self.replay = replay
+        self.outgoing = outgoing
         self.pending: dict[str, Any] = {id_key(m["id"]): m["id"] for m in requests if is_request(m)}
         self.lists = {id_key(m["id"]) for m in requests if is_request(m) and m["method"] == "tools/list"}
         self.replies: dict[str, Reply] = {}
@@ -101,6 +102,8 @@ class Screen:
         if isinstance(message, dict) and isinstance(message.get("method"), str):
             if message["method"] == LIST_CHANGED:
                 self.list_changed = True
+            if self.outgoing is not None and "id" in message:
+                return self.outgoing(message)
             return message  # a request or a notification from the server to the client
         if not is_response(message):
             self.problem = "it sent something that is not a JSON-RPC message"

@@ -11,7 +11,7 @@ from external_mcp.gateway.answers import Screen
 from external_mcp.gateway.errors import ProxyError
 from external_mcp.proxy_cache import KeyInfo, ServerInfo
 from usage.events import Reply
-from usage.models import Outcome
+from usage.models import Endpoint, Outcome
 from usage.quota import QuotaDecision
 
 Scope = dict[str, Any]
@@ -53,12 +53,21 @@ class Call:
     reply_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     reply: bytes = b""
     """What ``settle`` sends last: a whole JSON answer, or the end of an event stream."""
+    endpoint: str = Endpoint.SERVER
+    toolset_id: Any = None
+    own_session: str | None = None
+    """On an aggregate endpoint, TwinMCP's session id: the agent gets it instead of the upstream's."""
+    outgoing: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    """On an aggregate endpoint, how a request the upstream sends the agent is renamed, so the
+    agent's answer finds its way back to that upstream."""
 
     @property
     def server_label(self) -> str:
         """A server's id is a metric label only once it is known to exist in the caller's workspace:
         random or foreign ids share one label, so label sets stay bounded by the registered servers."""
-        return str(self.server.id) if self.server is not None else UNKNOWN_SERVER
+        if self.server is not None:
+            return str(self.server.id)
+        return UNKNOWN_SERVER if self.endpoint == Endpoint.SERVER or self.key is None else self.endpoint
 
     @property
     def delivered(self) -> dict[str, Reply]:

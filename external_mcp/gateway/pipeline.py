@@ -34,8 +34,9 @@ _METRIC_METHODS = {"tools/call", "tools/list", "initialize", "server/discover", 
                    "POST"}
 
 
-class McpProxy:
-    """``/api/v1/external-mcp/<server_id>/mcp`` as a raw ASGI app."""
+class Pipeline:
+    """A gateway endpoint as a raw ASGI app: ``handle`` carries the request as far as it goes, and
+    whatever happened, ``settle`` ends it."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = dict(scope["headers"])
@@ -56,6 +57,14 @@ class McpProxy:
                                       f"under request id {call.request_id}.", error_class="internal",
                                       detail=f"{type(exc).__name__}: {exc}")
         await settle(call, send)
+
+    async def handle(self, call: Call, scope: Scope, headers: dict[bytes, bytes], receive: Receive,
+                     send: Send) -> None:
+        raise NotImplementedError
+
+
+class McpProxy(Pipeline):
+    """``/api/v1/external-mcp/<server_id>/mcp``: one server, the agent's messages as they are."""
 
     async def handle(self, call: Call, scope: Scope, headers: dict[bytes, bytes], receive: Receive,
                      send: Send) -> None:
@@ -124,6 +133,7 @@ async def record(call: Call) -> None:
         "created_at": timezone.now(), "user_id": key.user_id, "workspace_id": key.workspace_id,
         "server_id": server.id, "api_key_id": key.key_id, "request_id": call.request_id,
         "latency_ms": call.latency_ms, "upstream_status": call.upstream_status,
+        "endpoint": call.endpoint, "toolset_id": call.toolset_id,
     }
     rows = proxied_rows(base=base, sent=_sent(call), outcome=call.outcome, error_code=call.error_code,
                         status=call.status, bytes_out=call.bytes_out)

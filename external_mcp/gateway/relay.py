@@ -32,7 +32,7 @@ from external_mcp.gateway.errors import (
 from external_mcp.gateway.transport import read_whole
 from external_mcp.proxy_cache import ServerInfo, pinned, tool_refusal
 from external_mcp.queue import queue_check
-from usage.models import Outcome
+from usage.models import Endpoint, Outcome
 
 logger = logging.getLogger("external_mcp.proxy")
 
@@ -89,7 +89,10 @@ async def answer(call: Call, response: aiohttp.ClientResponse, receive: Receive,
                              "redirect")
     out_headers = [(b"x-request-id", call.request_id.encode()), *extra]
     session_id = response.headers.get("Mcp-Session-Id")
-    if session_id is not None:
+    if call.endpoint != Endpoint.SERVER:
+        if call.own_session:
+            out_headers.append((b"mcp-session-id", call.own_session.encode()))
+    elif session_id is not None:
         if SESSION_ID_RE.fullmatch(session_id):
             out_headers.append((b"mcp-session-id", session_id.encode()))
         elif status < 400:
@@ -97,7 +100,7 @@ async def answer(call: Call, response: aiohttp.ClientResponse, receive: Receive,
     if status >= 400 or call.method == "DELETE":
         await pass_through(call, response, out_headers, content_type)
         return
-    call.screen = Screen(call.messages, approved_by(server), replay=call.method == "GET")
+    call.screen = Screen(call.messages, approved_by(server), replay=call.method == "GET", outgoing=call.outgoing)
     if call.method == "POST" and not call.screen.pending:
         # Notifications and responses only: the spec's answer is 202 and no body; a body is not read.
         call.status = 202

@@ -1,0 +1,216 @@
+"""The catalog an aggregate endpoint serves: every approved tool of the workspace's enabled servers
+(``/api/v1/external-mcp/mcp``), or of one toolset's members (``/toolsets/<id>/mcp``).
+
+``tools/list`` there never reaches an upstream: it is answered from the definitions admins
+approved, each exactly as pinned, under its exposed name (``exposed_names``). The view is built
+once per workspace or toolset and kept in process memory like keys and servers
+(``proxy_cache``); ``twinmcp.invalidation`` drops it in every gateway process when an approval,
+a quarantine, a server or a toolset changes. Pages of ``tools/list`` are serialised once per view,
+so listing a thousand tools costs a dictionary lookup and a byte join.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import close_old_connections
+
+from external_mcp.choices import PrefixMode, ServerStatus, ToolState
+from external_mcp.exposed_names import SEPARATOR, exposed_names
+from external_mcp.jsonrpc import dumps
+from external_mcp.models import ExternalMcpServer, ExternalMcpTool, Toolset
+from external_mcp.proxy_cache import TTLCache, single_flight
+from twinmcp import invalidation
+
+PREFIXED_URI = "twinmcp://"
+"""Resource URIs of several servers meet as ``twinmcp://<prefix>/<the server's own URI>``."""
+
+
+class InvalidCursor(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Member:
+    """A server whose tools an aggregate endpoint serves."""
+
+    id: Any
+    prefix: str
+    name: str
+    era: str
+    """How the last check spoke to it: "stateless" (2026-07-28) or "handshake"."""
+    capabilities: dict[str, Any]
+    serving: bool
+    """Enabled and not disabled by status: only then are its tools listed."""
+
+
+@dataclass(frozen=True)
+class Route:
+    server_id: Any
+    name: str
+    """The tool's name at its server."""
+
+
+@dataclass
+class View:
+    workspace_id: Any
+    toolset_id: Any
+    prefixed: bool
+    members: dict[Any, Member]
+    routes: dict[str, Route]
+    """Every exposed name of a member's listed tool, callable or not: a call of one that is not
+    approved is refused with the same reason as on the server's own endpoint."""
+    tools: list[dict[str, Any]]
+    collisions: list[str]
+    digest: str
+    title: str
+    origins: dict[tuple[str, str], Any] = field(default_factory=dict)
+    """Which member listed a resource or prompt, by capability and name, where names are not prefixed."""
+    _pages: dict[tuple[int, int], bytes] = field(default_factory=dict)
+
+    @property
+    def by_prefix(self) -> dict[str, Member]:
+        return {m.prefix: m for m in self.members.values()}
+
+    def serving(self, capability: str) -> list[Member]:
+        return [m for m in self.members.values() if m.serving and capability in m.capabilities]
+
+    def capabilities(self) -> dict[str, Any]:
+        """The union of what the members offer; TwinMCP itself announces tool-list changes, and
+        relays no resource or prompt list changes."""
+        offered: dict[str, Any] = {"tools": {"listChanged": True}}
+        members = [m for m in self.members.values() if m.serving]
+        if any("resources" in m.capabilities for m in members):
+            subscribe = any(isinstance(m.capabilities["resources"], dict)
+                            and m.capabilities["resources"].get("subscribe") is True
+                            for m in members if "resources" in m.capabilities)
+            offered["resources"] = {"subscribe": subscribe, "listChanged": False}
+        if any("prompts" in m.capabilities for m in members):
+            offered["prompts"] = {"listChanged": False}
+        for name in ("completions", "logging"):
+            if any(name in m.capabilities for m in members):
+                offered[name] = {}
+        return offered
+
+    def page(self, cursor: Any) -> tuple[bytes, str | None]:
+        """The JSON text of one page of tools, and the next page's cursor."""
+        size = settings.EXTERNAL_MCP_TOOLS_PAGE_SIZE
+        offset = decode_cursor(cursor)
+        if offset > len(self.tools):
+            raise InvalidCursor("The cursor is past the end of the list.")
+        slot = (offset, size)
+        text = self._pages.get(slot)
+        if text is None:
+            text = self._pages[slot] = dumps(self.tools[offset:offset + size])
+        following = offset + size
+        return text, encode_cursor(following) if following < len(self.tools) else None
+
+
+def encode_cursor(offset: int) -> str:
+    return base64.urlsafe_b64encode(f"tools:{offset}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: Any) -> int:
+    if cursor is None:
+        return 0
+    if not isinstance(cursor, str) or len(cursor) > 40:
+        raise InvalidCursor("The cursor is not one this endpoint gave.")
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidCursor("The cursor is not one this endpoint gave.") from None
+    kind, _, number = text.partition(":")
+    if kind != "tools" or not number.isdigit():
+        raise InvalidCursor("The cursor is not one this endpoint gave.")
+    return int(number)
+
+
+def route_prefixed(name: str) -> tuple[str, str] | None:
+    """``(prefix, name)`` of a prefixed prompt name or resource URI, else None."""
+    if name.startswith(PREFIXED_URI):
+        prefix, slash, rest = name[len(PREFIXED_URI):].partition("/")
+        return (prefix, rest) if slash and prefix else None
+    prefix, separator, rest = name.partition(SEPARATOR)
+    return (prefix, rest) if separator and prefix and rest else None
+
+
+def build_view(workspace_id: Any, toolset_id: Any = None) -> View | None:
+    """The catalog served at an aggregate endpoint; None for a toolset not in the workspace."""
+    close_old_connections()
+    servers = ExternalMcpServer.objects.filter(workspace_id=workspace_id)
+    chosen: dict[Any, set[str] | None] | None = None
+    prefixed = True
+    title = "TwinMCP"
+    if toolset_id is not None:
+        toolset = Toolset.objects.filter(pk=toolset_id, workspace_id=workspace_id).first()
+        if toolset is None:
+            return None
+        prefixed = toolset.prefix_mode == PrefixMode.ALWAYS
+        title = f"TwinMCP: {toolset.name}"
+        chosen = {server_id: None for server_id in toolset.servers.values_list("id", flat=True)}
+        for server_id, name in toolset.tools.values_list("server_id", "name"):
+            if server_id not in chosen or chosen[server_id] is not None:
+                chosen.setdefault(server_id, set()).add(name)  # type: ignore[union-attr]
+        servers = servers.filter(pk__in=list(chosen))
+    members = {
+        s.id: Member(id=s.id, prefix=s.prefix, name=s.name, era=str(s.server_info.get("era", "")),
+                     capabilities=_capabilities(s.server_info), serving=s.enabled and s.status != ServerStatus.DISABLED)
+        for s in servers.only("id", "prefix", "name", "enabled", "status", "server_info")
+    }
+    rows = (ExternalMcpTool.objects.listed().filter(server_id__in=list(members))
+            .values_list("server_id", "name", "state", "approved_definition").order_by("server_id", "name"))
+    by_server: dict[Any, list[tuple[str, str, Any]]] = {}
+    for server_id, name, state, definition in rows:
+        by_server.setdefault(server_id, []).append((name, state, definition))
+    routes: dict[str, Route] = {}
+    listed: dict[str, tuple[Any, dict[str, Any]]] = {}
+    names: dict[Any, dict[str, str]] = {}
+    for server_id, tools in by_server.items():
+        wanted = chosen.get(server_id) if chosen is not None else None
+        names[server_id] = {name: exposed for name, exposed in exposed_names(
+            members[server_id].prefix, [t[0] for t in tools],
+            max_chars=settings.EXTERNAL_MCP_TOOL_NAME_MAX_CHARS).items() if wanted is None or name in wanted}
+    collisions: list[str] = []
+    if not prefixed:
+        owners: dict[str, list[Any]] = {}
+        for server_id, mapping in names.items():
+            for name in mapping:
+                owners.setdefault(name, []).append(server_id)
+        collisions = sorted(name for name, holders in owners.items() if len(holders) > 1)
+        for mapping in names.values():
+            for name in mapping:
+                if name not in collisions:
+                    mapping[name] = name
+    for server_id, tools in by_server.items():
+        member = members[server_id]
+        for name, state, definition in tools:
+            exposed = names[server_id].get(name)
+            if exposed is None:
+                continue
+            routes[exposed] = Route(server_id=server_id, name=name)
+            if member.serving and state == ToolState.APPROVED and isinstance(definition, dict):
+                listed[exposed] = (server_id, {**definition, "name": exposed})
+    tools_out = [listed[name][1] for name in sorted(listed)]
+    digest = hashlib.sha256(dumps(tools_out) + dumps(sorted(map(str, members)))).hexdigest()
+    return View(workspace_id=workspace_id, toolset_id=toolset_id, prefixed=prefixed, members=members,
+                routes=routes, tools=tools_out, collisions=collisions, digest=digest, title=title)
+
+
+def _capabilities(server_info: Any) -> dict[str, Any]:
+    capabilities = server_info.get("capabilities") if isinstance(server_info, dict) else None
+    return capabilities if isinstance(capabilities, dict) else {}
+
+
+views = TTLCache(max_items=2000)
+invalidation.on_flush(views.clear)
+
+
+async def get_view(workspace_id: Any, toolset_id: Any = None) -> View | None:
+    return await single_flight(views, ("view", workspace_id, toolset_id),
+                               lambda: sync_to_async(build_view, thread_sensitive=False)(workspace_id, toolset_id))
