@@ -112,7 +112,8 @@ class GatewayProcess:
             env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         deadline = time.monotonic() + 60
-        while len(self.worker_pids()) < self.workers or not self._answers():
+        supervised = self.workers if self.workers > 1 else 0  # one worker runs without a supervisor
+        while len(self.worker_pids()) < supervised or not self._answers():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the gateway did not start:\n{self.output()}")
             time.sleep(0.1)

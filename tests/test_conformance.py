@@ -1,5 +1,6 @@
 """The official MCP conformance suite gives the same per-check results directly against an SDK
-fixture server and through the TwinMCP proxy (dns-rebinding-protection included)."""
+fixture server, through the TwinMCP proxy (dns-rebinding-protection included), and through a
+toolset that does not prefix names (where TwinMCP itself is the server the suite talks to)."""
 
 from __future__ import annotations
 
@@ -56,6 +57,43 @@ def test_conformance_results_are_identical_directly_and_through_the_proxy(admin,
     counts = summarize(direct)
     assert counts.get("SUCCESS", 0) >= 40 and counts.get("FAILURE", 0) == 0
     assert direct["dns-rebinding-protection/localhost-host-rebinding-rejected"] == "SUCCESS"
-    differences = {k: (direct.get(k), proxied.get(k)) for k in direct.keys() | proxied.keys()
-                   if direct.get(k) != proxied.get(k)}
-    assert differences == {}
+    assert differences(direct, proxied) == {}
+
+
+def differences(direct: dict[str, str], other: dict[str, str]) -> dict[str, tuple[str | None, str | None]]:
+    return {k: (direct.get(k), other.get(k)) for k in direct.keys() | other.keys() if direct.get(k) != other.get(k)}
+
+
+def test_conformance_results_are_identical_directly_and_through_a_toolset_that_keeps_names(
+        admin, flag_on, settings, django_db_blocker):
+    from external_mcp.choices import PrefixMode
+    from external_mcp.models import Toolset
+
+    settings.ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
+    settings.EXTERNAL_MCP_ALLOWED_PROTOCOLS = ["https", "http"]
+    settings.EXTERNAL_MCP_ALLOWED_NETWORKS = ["127.0.0.1/32"]
+    settings.EXTERNAL_MCP_PROXY_CACHE_SECONDS = 0
+    proxy_cache.keys.clear()
+    proxy_cache.servers.clear()
+    core_services.profile_set_plan(user=admin.user, code="pro")
+    cli = ensure_cli()
+    from twinmcp.asgi import application
+
+    with fixture_server() as url:
+        direct = run_suite(url, cli=cli)
+        server = services.server_create(workspace=admin.workspace, actor=admin.user, name="conformance",
+                                        base_url=url)
+        result, server = health.check_now(ExternalMcpServer.objects.get(pk=server.pk))
+        assert result.ok, result.error_message
+        catalog.tools_approve(server=server, actor=admin.user, select_all=True)
+        toolset = Toolset.objects.create(workspace=admin.workspace, name="conformance", prefix_mode=PrefixMode.NEVER)
+        toolset.servers.add(server)
+        gateway = mcp_peers.serve_asgi(with_agent_key(application, admin.raw_key), name="gateway", path="/").start()
+        try:
+            through = run_suite(f"{gateway.base}/api/v1/external-mcp/toolsets/{toolset.pk}/mcp", cli=cli)
+        finally:
+            gateway.stop()
+            with django_db_blocker.unblock():
+                close_gateway_connections()
+    assert summarize(direct).get("FAILURE", 0) == 0
+    assert differences(direct, through) == {}

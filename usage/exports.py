@@ -50,7 +50,7 @@ METRIC_COLUMNS = (*SUMMED, "latency_avg_ms", "latency_p95_ms", "first_at", "last
 EVENT_COLUMNS = (
     "created_at", "workspace", "user_id", "username", "email", "server_id", "server_name", "api_key_id", "method",
     "tool", "request_id", "jsonrpc_id", "outcome", "counted", "tokens_in", "tokens_out", "bytes_in", "bytes_out",
-    "latency_ms", "upstream_status", "jsonrpc_error_code",
+    "latency_ms", "upstream_status", "jsonrpc_error_code", "endpoint", "toolset_id",
 )
 
 
@@ -140,6 +140,7 @@ _EVENT_FIELDS = (
     "created_at", "workspace_id", "workspace__slug", "user_id", "user__username", "user__email", "server_id",
     "own_server_name", "api_key_id", "method", "tool_name", "request_id", "jsonrpc_id", "outcome", "counted",
     "tokens_in", "tokens_out", "bytes_in", "bytes_out", "latency_ms", "upstream_status", "jsonrpc_error_code",
+    "endpoint", "toolset_id",
 )
 
 
@@ -177,6 +178,7 @@ def event_rows(query: UsageQuery, *, pseudonymize: bool) -> Iterator[dict[str, A
             "counted": raw["counted"], "tokens_in": raw["tokens_in"], "tokens_out": raw["tokens_out"],
             "bytes_in": raw["bytes_in"], "bytes_out": raw["bytes_out"], "latency_ms": raw["latency_ms"],
             "upstream_status": raw["upstream_status"], "jsonrpc_error_code": raw["jsonrpc_error_code"],
+            "endpoint": raw["endpoint"], "toolset_id": str(raw["toolset_id"]) if raw["toolset_id"] else None,
         }
 
 

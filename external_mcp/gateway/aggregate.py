@@ -53,6 +53,7 @@ class AggregateEndpoint(Pipeline):
         call.endpoint = Endpoint.TOOLSET if toolset_id is not None else Endpoint.WORKSPACE
         view = await load_view(key, toolset_id)
         call.toolset_id = toolset_id
+        call.accepts_events = b"text/event-stream" in headers.get(b"accept", b"")
         where = scope["path"].rstrip("/")
         message: dict[str, Any] | None = None
         if call.method == "POST":
@@ -136,12 +137,18 @@ async def agent_of(call: Call, key: KeyInfo, headers: dict[bytes, bytes], messag
     return Agent(False, session_id, session_id, record, version_header)
 
 
-def _reply(call: Call, request_id: Any, result: bytes, *, status: int = 200) -> None:
-    call.status = status
-    call.reply_headers = [*JSON_HEADERS, (b"x-request-id", call.request_id.encode())]
+def _reply(call: Call, request_id: Any, result: bytes) -> None:
+    call.status = 200
+    message = b'{"jsonrpc":"2.0","id":' + dumps(request_id) + b',"result":' + result + b"}"
+    if call.accepts_events:
+        call.reply_headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+        call.reply = b"event: message\ndata: " + message + b"\n\n"
+    else:
+        call.reply_headers = list(JSON_HEADERS)
+        call.reply = message
+    call.reply_headers.append((b"x-request-id", call.request_id.encode()))
     if call.own_session:
         call.reply_headers.append((b"mcp-session-id", call.own_session.encode()))
-    call.reply = b'{"jsonrpc":"2.0","id":' + dumps(request_id) + b',"result":' + result + b"}"
 
 
 def _result(result: dict[str, Any], agent_modern: bool, *, cacheable: bool = False) -> bytes:

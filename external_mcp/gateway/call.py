@@ -57,6 +57,8 @@ class Call:
     toolset_id: Any = None
     own_session: str | None = None
     """On an aggregate endpoint, TwinMCP's session id: the agent gets it instead of the upstream's."""
+    accepts_events: bool = False
+    """The agent accepts an event stream: TwinMCP's own answers then come as one, as SDK servers' do."""
     outgoing: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     """On an aggregate endpoint, how a request the upstream sends the agent is renamed, so the
     agent's answer finds its way back to that upstream."""

@@ -30,8 +30,8 @@ logger = logging.getLogger("external_mcp.proxy")
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _METRIC_METHODS = {"tools/call", "tools/list", "initialize", "server/discover", "notifications/initialized",
-                   "resources/read", "resources/list", "prompts/get", "prompts/list", "ping", "GET", "DELETE",
-                   "POST"}
+                   "resources/read", "resources/list", "resources/templates/list", "prompts/get", "prompts/list",
+                   "completion/complete", "subscriptions/listen", "ping", "GET", "DELETE", "POST"}
 
 
 class Pipeline:

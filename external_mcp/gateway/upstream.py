@@ -18,7 +18,7 @@ from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSI
 from external_mcp import sse
 from external_mcp.gateway import sessions, transport
 from external_mcp.gateway.call import Call
-from external_mcp.gateway.errors import ProxyError, upstream_error
+from external_mcp.gateway.errors import ProxyError, too_large, upstream_error
 from external_mcp.gateway.sessions import Record, StoreDown, Upstream
 from external_mcp.jsonrpc import dumps, is_response, parse_json
 from external_mcp.proxy_cache import ServerInfo
@@ -141,7 +141,7 @@ async def _exchange(server: ServerInfo, body: bytes, headers: dict[str, str],
                 raise _refused(server, f"HTTP {response.status}")
             if request_id is None:
                 return None, None
-            raw = await response.content.read(settings.EXTERNAL_MCP_MAX_RESPONSE_BYTES + 1)
+            raw = await _read_all(server, response)
             kind = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
             session_id = response.headers.get("Mcp-Session-Id")
     except TimeoutError:
@@ -156,6 +156,17 @@ async def _exchange(server: ServerInfo, body: bytes, headers: dict[str, str],
                 raise _refused(server, "it answered initialize with an error")
             return message.get("result"), session_id
     raise _refused(server, "its answer to initialize has no response")
+
+
+async def _read_all(server: ServerInfo, response: aiohttp.ClientResponse) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_any():
+        size += len(chunk)
+        if size > settings.EXTERNAL_MCP_MAX_RESPONSE_BYTES:
+            raise too_large(server)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _messages(raw: bytes, kind: str) -> list[Any]:

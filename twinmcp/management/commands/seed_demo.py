@@ -68,7 +68,9 @@ class Command(BaseCommand):
                     f"  API key:   {state['api_key']}",
                     f"  workspace: {workspace.slug}",
                     f"  demo MCP server: {server.id if server else '(not registered)'} -> {DEMO_UPSTREAM_URL}",
-                    f"  proxy URL: http://127.0.0.1:8000/api/v1/external-mcp/{server.id}/mcp" if server else "",
+                    "  workspace endpoint: http://127.0.0.1:8000/api/v1/external-mcp/mcp"
+                    + (f"  (tools: {server.prefix}__echo, …)" if server else ""),
+                    f"  server endpoint: http://127.0.0.1:8000/api/v1/external-mcp/{server.id}/mcp" if server else "",
                     "",
                 ]
             )
