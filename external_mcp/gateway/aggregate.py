@@ -26,7 +26,15 @@ from external_mcp.gateway.call import Call, Receive, Scope, Send
 from external_mcp.gateway.errors import ProxyError
 from external_mcp.gateway.pipeline import Pipeline
 from external_mcp.gateway.sessions import Record, StoreDown
-from external_mcp.gateway.upstream import LATEST_HANDSHAKE, Agent, close_all, connect, headers_for
+from external_mcp.gateway.upstream import (
+    LATEST_HANDSHAKE,
+    Agent,
+    bridged,
+    close_all,
+    completed,
+    connect,
+    headers_for,
+)
 from external_mcp.jsonrpc import dumps, is_request, parse_json
 from external_mcp.proxy_cache import KeyInfo, flag_on, get_server, server_for
 from external_mcp.served_catalog import InvalidCursor, Member, View, get_view, route_prefixed
@@ -268,6 +276,8 @@ async def route(call: Call, key: KeyInfo, view: View, agent: Agent, message: dic
     extra = await quota.take(call, key)
     server_id = server.id
     call.outgoing = lambda request: {**request, "id": f"{OUTGOING}{server_id}:{dumps(request['id']).decode()}"}
+    if bridged(agent, member):
+        call.incoming = completed
     response = await connect(call, agent, member, server, forwarded)
     async with response:
         await relay.answer(call, response, receive, send, extra)

@@ -32,10 +32,12 @@ class InvalidAnswer(Exception):
 
 class Screen:
     def __init__(self, requests: Sequence[dict[str, Any]], allowed: Callable[[dict[str, Any]], bool], *,
-                 replay: bool = False, outgoing: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+                 replay: bool = False, outgoing: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                 incoming: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
         self.allowed = allowed
         self.replay = replay
         self.outgoing = outgoing
+        self.incoming = incoming
         self.pending: dict[str, Any] = {id_key(m["id"]): m["id"] for m in requests if is_request(m)}
         self.lists = {id_key(m["id"]) for m in requests if is_request(m) and m["method"] == "tools/list"}
         self.replies: dict[str, Reply] = {}
@@ -117,6 +119,9 @@ class Screen:
         del self.pending[key]
         if key in self.lists:
             message = self._filter(message)
+            raw = None
+        if self.incoming is not None:
+            message = self.incoming(message)
             raw = None
         raw = raw if raw is not None else dumps(message)
         self.replies[key] = Reply(error_code(message), len(raw), raw)

@@ -62,6 +62,9 @@ class Call:
     outgoing: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     """On an aggregate endpoint, how a request the upstream sends the agent is renamed, so the
     agent's answer finds its way back to that upstream."""
+    incoming: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    """On an aggregate endpoint, how the upstream's response is completed for an agent of
+    another era than the upstream's."""
 
     @property
     def server_label(self) -> str:

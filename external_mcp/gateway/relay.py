@@ -100,7 +100,8 @@ async def answer(call: Call, response: aiohttp.ClientResponse, receive: Receive,
     if status >= 400 or call.method == "DELETE":
         await pass_through(call, response, out_headers, content_type)
         return
-    call.screen = Screen(call.messages, approved_by(server), replay=call.method == "GET", outgoing=call.outgoing)
+    call.screen = Screen(call.messages, approved_by(server), replay=call.method == "GET", outgoing=call.outgoing,
+                         incoming=call.incoming)
     if call.method == "POST" and not call.screen.pending:
         # Notifications and responses only: the spec's answer is 202 and no body; a body is not read.
         call.status = 202

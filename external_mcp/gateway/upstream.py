@@ -52,6 +52,19 @@ def modern_for(agent: Agent, member: Member) -> bool:
     return agent.modern and member.era == "stateless"
 
 
+def bridged(agent: Agent, member: Member) -> bool:
+    """A 2026-07-28 agent reaching a handshake-era member: its results need the new era's fields."""
+    return agent.modern and not modern_for(agent, member)
+
+
+def completed(message: dict[str, Any]) -> dict[str, Any]:
+    """A handshake-era response as a 2026-07-28 agent requires it (``resultType`` is mandatory there)."""
+    result = message.get("result")
+    if isinstance(result, dict) and "resultType" not in result:
+        return {**message, "result": {**result, "resultType": "complete"}}
+    return message
+
+
 def headers_for(call: Call, agent: Agent, member: Member, message: dict[str, Any],
                 upstream: Upstream | None) -> dict[bytes, bytes]:
     """The MCP headers of one request to a member, as if the agent had sent it there."""
