@@ -349,3 +349,26 @@ def test_two_gateway_workers_serve_one_agent_session_alternately(admin, redis_ur
     assert all(f"via {i}" in text for i, text in enumerate(texts))
     assert len(initializes) == 1 and len(deletes) == 1
     assert ended.status_code == 200 and after.status_code == 404
+
+
+def test_a_paginated_upstreams_whole_catalog_is_listed_in_the_endpoints_own_pages(admin, gateway, settings):
+    settings.EXTERNAL_MCP_TOOLS_PAGE_SIZE = 50
+    with mcp_peers.paginated_peer(n_tools=120, page_size=50) as peer:
+        register(admin, peer, name="Many")
+        peer.clear_requests()
+
+        async def scenario():
+            async with agent(workspace_url(gateway), admin.raw_key, mode="2026-07-28") as client:
+                pages, cursor = [], None
+                while True:
+                    page = await client.list_tools(cursor=cursor)
+                    pages.append([t.name for t in page.tools])
+                    cursor = page.next_cursor
+                    if cursor is None:
+                        return pages
+
+        pages = asyncio.run(scenario())
+        upstream_lists = peer.requests_to(rpc_method="tools/list")
+    assert [len(p) for p in pages] == [50, 50, 20]
+    assert sum(pages, []) == sorted(f"many__tool_{i:03d}" for i in range(120))
+    assert upstream_lists == []

@@ -124,11 +124,7 @@ async def agent_of(call: Call, key: KeyInfo, headers: dict[bytes, bytes], messag
             if isinstance(verdict, InboundLadderRejection):
                 raise ProxyError(ERROR_CODE_HTTP_STATUS.get(verdict.code, 400), verdict.code, verdict.message,
                                  data=verdict.data if isinstance(verdict.data, dict) else None)
-        scope = sessions.key_scope(key.key_id)
-        try:
-            return Agent(True, scope, None, await store.load(scope) or Record(), version_header)
-        except StoreDown:
-            return Agent(True, scope, None, Record(), version_header, stored=False)
+        return Agent(True, sessions.key_scope(key.key_id), None, Record(), version_header, loaded=False)
     session_id = headers.get(b"mcp-session-id", b"").decode("latin-1")
     if not session_id:
         raise ProxyError(400, -32600, "Bad Request: an Mcp-Session-Id header is required; send initialize first.")
@@ -295,6 +291,7 @@ async def answer_upstream(call: Call, key: KeyInfo, view: View, agent: Agent, me
     server = await inbound.load_server(call, member.id, key)
     forwarded = {**message, "id": found[1]}
     call.messages, call.body = [forwarded], dumps(forwarded)
+    await agent.load()
     upstream = agent.record.upstreams.get(str(server.id))
     response = await transport.send(call, headers_for(call, agent, member, forwarded, upstream))
     async with response:

@@ -46,6 +46,18 @@ class Agent:
     """The ``MCP-Protocol-Version`` the agent sent with this request."""
     stored: bool = True
     """False when the store was unreachable: upstream sessions opened now are not kept."""
+    loaded: bool = True
+    """A sessionless agent's record is read only when a member needs a session: most requests of a
+    2026-07-28 agent reach 2026-07-28 members and cost no store round trip."""
+
+    async def load(self) -> None:
+        if self.loaded:
+            return
+        self.loaded = True
+        try:
+            self.record = await sessions.store().load(self.scope) or Record()
+        except StoreDown:
+            self.stored = False
 
 
 def modern_for(agent: Agent, member: Member) -> bool:
@@ -93,6 +105,7 @@ async def session_for(call: Call, agent: Agent, member: Member, server: ServerIn
     """The upstream session this agent uses at this member (None: the member needs none)."""
     if modern_for(agent, member):
         return None
+    await agent.load()
     known = agent.record.upstreams.get(str(server.id))
     if known is not None and not fresh:
         return known
