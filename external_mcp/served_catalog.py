@@ -48,6 +48,9 @@ class Member:
     capabilities: dict[str, Any]
     serving: bool
     """Enabled and not disabled by status: only then are its tools listed."""
+    whole: bool = True
+    """A member as a whole, not for some of its tools only: only then are its resources and
+    prompts served too."""
 
 
 @dataclass(frozen=True)
@@ -79,13 +82,14 @@ class View:
         return {m.prefix: m for m in self.members.values()}
 
     def serving(self, capability: str) -> list[Member]:
-        return [m for m in self.members.values() if m.serving and capability in m.capabilities]
+        """The members whose resources or prompts (or completions) this endpoint serves."""
+        return [m for m in self.members.values() if m.serving and m.whole and capability in m.capabilities]
 
     def capabilities(self) -> dict[str, Any]:
         """The union of what the members offer; TwinMCP itself announces tool-list changes, and
         relays no resource or prompt list changes."""
         offered: dict[str, Any] = {"tools": {"listChanged": True}}
-        members = [m for m in self.members.values() if m.serving]
+        members = [m for m in self.members.values() if m.serving and m.whole]
         if any("resources" in m.capabilities for m in members):
             subscribe = any(isinstance(m.capabilities["resources"], dict)
                             and m.capabilities["resources"].get("subscribe") is True
@@ -160,7 +164,8 @@ def build_view(workspace_id: Any, toolset_id: Any = None) -> View | None:
         servers = servers.filter(pk__in=list(chosen))
     members = {
         s.id: Member(id=s.id, prefix=s.prefix, name=s.name, era=str(s.server_info.get("era", "")),
-                     capabilities=_capabilities(s.server_info), serving=s.enabled and s.status != ServerStatus.DISABLED)
+                     capabilities=_capabilities(s.server_info), serving=s.enabled and s.status != ServerStatus.DISABLED,
+                     whole=chosen is None or chosen.get(s.id) is None)
         for s in servers.only("id", "prefix", "name", "enabled", "status", "server_info")
     }
     rows = (ExternalMcpTool.objects.listed().filter(server_id__in=list(members))
