@@ -11,9 +11,11 @@ so listing a thousand tools costs a dictionary lookup and a byte join.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +29,8 @@ from external_mcp.jsonrpc import dumps
 from external_mcp.models import ExternalMcpServer, ExternalMcpTool, Toolset
 from external_mcp.proxy_cache import TTLCache, single_flight
 from twinmcp import invalidation
+
+logger = logging.getLogger("external_mcp.proxy")
 
 PREFIXED_URI = "twinmcp://"
 """Resource URIs of several servers meet as ``twinmcp://<prefix>/<the server's own URI>``."""
@@ -169,10 +173,13 @@ def build_view(workspace_id: Any, toolset_id: Any = None) -> View | None:
         for s in servers.only("id", "prefix", "name", "enabled", "status", "server_info")
     }
     rows = (ExternalMcpTool.objects.listed().filter(server_id__in=list(members))
-            .values_list("server_id", "name", "state", "approved_definition").order_by("server_id", "name"))
+            .values_list("server_id", "name", "state", "approved_definition", "approved_hash")
+            .order_by("server_id", "name"))
     by_server: dict[Any, list[tuple[str, str, Any]]] = {}
-    for server_id, name, state, definition in rows:
+    pinned: dict[tuple[Any, str], str] = {}
+    for server_id, name, state, definition, approved_hash in rows:
         by_server.setdefault(server_id, []).append((name, state, definition))
+        pinned[(server_id, name)] = approved_hash
     routes: dict[str, Route] = {}
     listed: dict[str, tuple[Any, dict[str, Any]]] = {}
     names: dict[Any, dict[str, str]] = {}
@@ -201,8 +208,11 @@ def build_view(workspace_id: Any, toolset_id: Any = None) -> View | None:
             routes[exposed] = Route(server_id=server_id, name=name)
             if member.serving and state == ToolState.APPROVED and isinstance(definition, dict):
                 listed[exposed] = (server_id, {**definition, "name": exposed})
-    tools_out = [listed[name][1] for name in sorted(listed)]
-    digest = hashlib.sha256(dumps(tools_out) + dumps(sorted(map(str, members)))).hexdigest()
+    ordered = sorted(listed)
+    tools_out = [listed[name][1] for name in ordered]
+    # What the list shows, without serialising it: each exposed name with the hash it was approved under.
+    shown = [(name, pinned[(listed[name][0], routes[name].name)]) for name in ordered]
+    digest = hashlib.sha256(dumps([shown, sorted(map(str, members))])).hexdigest()
     return View(workspace_id=workspace_id, toolset_id=toolset_id, prefixed=prefixed, members=members,
                 routes=routes, tools=tools_out, collisions=collisions, digest=digest, title=title)
 
@@ -213,9 +223,39 @@ def _capabilities(server_info: Any) -> dict[str, Any]:
 
 
 views = TTLCache(max_items=2000)
+_last: dict[Any, View] = {}
+"""The last view built of each endpoint, until a flush: served while its expired entry is rebuilt."""
+_refreshing: set[asyncio.Task[Any]] = set()
 invalidation.on_flush(views.clear)
+invalidation.on_flush(_last.clear)
 
 
 async def get_view(workspace_id: Any, toolset_id: Any = None) -> View | None:
-    return await single_flight(views, ("view", workspace_id, toolset_id),
-                               lambda: sync_to_async(build_view, thread_sensitive=False)(workspace_id, toolset_id))
+    """The endpoint's view. A flush (a change made through TwinMCP) drops it at once; past its TTL
+    (which only bounds changes made around TwinMCP) the last one is served while one request's
+    worth of work rebuilds it in the background, so no agent waits for a thousand-tool rebuild."""
+    key = ("view", workspace_id, toolset_id)
+    view = views.get(key)
+    if view is not None:
+        return view
+    last = _last.get(key)
+    if last is not None:
+        task = asyncio.ensure_future(_load(key, workspace_id, toolset_id))
+        _refreshing.add(task)
+        task.add_done_callback(_refreshed)
+        return last
+    return await _load(key, workspace_id, toolset_id)
+
+
+def _refreshed(task: asyncio.Task[Any]) -> None:
+    _refreshing.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("catalog view not rebuilt (%s); the last one is served until the next try", task.exception())
+
+
+async def _load(key: Any, workspace_id: Any, toolset_id: Any) -> View | None:
+    view: View | None = await single_flight(
+        views, key, lambda: sync_to_async(build_view, thread_sensitive=False)(workspace_id, toolset_id))
+    if view is not None and views.get(key) is view:  # cached: no flush happened while it was built
+        _last[key] = view
+    return view

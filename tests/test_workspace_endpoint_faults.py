@@ -181,3 +181,27 @@ def test_a_modern_agent_listening_hears_that_the_catalog_changed(admin, gateway)
         event, names = asyncio.run(scenario())
     assert type(event).__name__ == "ToolsListChanged"
     assert "live__add" not in names and "live__echo" in names
+
+
+def test_an_expired_view_is_served_while_it_is_rebuilt_and_a_flush_drops_it_at_once(admin, settings):
+    from external_mcp import served_catalog
+    from twinmcp import invalidation
+
+    settings.EXTERNAL_MCP_PROXY_CACHE_SECONDS = 60
+    served_catalog.views.clear()
+    served_catalog._last.clear()
+    workspace_id = admin.workspace.pk
+
+    async def scenario():
+        first = await served_catalog.get_view(workspace_id)
+        served_catalog.views.clear()  # its TTL ran out
+        stale = await served_catalog.get_view(workspace_id)
+        await asyncio.gather(*served_catalog._refreshing)
+        rebuilt = await served_catalog.get_view(workspace_id)
+        invalidation.flush_local()
+        after_flush = await served_catalog.get_view(workspace_id)
+        return first, stale, rebuilt, after_flush
+
+    first, stale, rebuilt, after_flush = asyncio.run(scenario())
+    assert stale is first and rebuilt is not first
+    assert after_flush is not rebuilt and after_flush.digest == rebuilt.digest
