@@ -1,14 +1,20 @@
 """`make bench`: the same bounded load directly against an SDK upstream and through the
-gateway (real API key, Redis quota, usage events on PostgreSQL), at C = 1, 16 and 64.
+gateway (real API key, Redis quota, usage events on PostgreSQL), at C = 1, 16 and 64, on two
+gateway paths: the per-server endpoint ``/api/v1/external-mcp/<server_id>/mcp`` (tool ``echo``)
+and the workspace endpoint ``/api/v1/external-mcp/mcp`` (the same tool as ``<prefix>__echo``).
+Then ``tools/list`` on the workspace endpoint of a second workspace holding 1,000 approved tools
+across 20 servers that no upstream backs (``tests.bench.tools_list_bench``).
 
-Prints p50/p95/p99 latency, req/s, errors, the gateway's CPU per call (from /proc) and the
-ratios to direct. Everything runs on 127.0.0.1 and stops by itself.
+Prints p50/p95/p99 latency, req/s, errors, the gateway's CPU per call (from /proc), the ratios
+to direct and the workspace endpoint's CPU per call as a ratio to the per-server endpoint's.
+Everything runs on 127.0.0.1 and stops by itself.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -17,9 +23,12 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+
+from tests.bench import tools_list_bench
 
 ROOT = Path(__file__).resolve().parents[2]
 MODERN = "2026-07-28"
@@ -62,10 +71,10 @@ def family(pid: int) -> list[int]:
     return out
 
 
-def body(i: int) -> bytes:
+def body(i: int, tool: str = "echo") -> bytes:
     return json.dumps({
         "jsonrpc": "2.0", "id": i, "method": "tools/call",
-        "params": {"name": "echo", "arguments": {"text": "hello"},
+        "params": {"name": tool, "arguments": {"text": "hello"},
                    "_meta": {"io.modelcontextprotocol/protocolVersion": MODERN,
                              "io.modelcontextprotocol/clientInfo": {"name": "bench", "version": "1"},
                              "io.modelcontextprotocol/clientCapabilities": {}}},
@@ -73,7 +82,7 @@ def body(i: int) -> bytes:
 
 
 async def drive(session: aiohttp.ClientSession, url: str, headers: dict[str, str], concurrency: int,
-                total: int) -> dict:
+                total: int, tool: str = "echo") -> dict:
     """``total`` requests from ``concurrency`` clients: raw latencies, elapsed time, errors."""
     latencies: list[float] = []
     errors = 0
@@ -84,7 +93,7 @@ async def drive(session: aiohttp.ClientSession, url: str, headers: dict[str, str
         for i in counter:
             started = time.perf_counter()
             try:
-                async with session.post(url, data=body(i), headers=headers) as response:
+                async with session.post(url, data=body(i, tool), headers=headers) as response:
                     payload = await response.read()
                     if response.status != 200 or b'"error"' in payload:
                         errors += 1
@@ -108,30 +117,50 @@ def summarise(runs: list[dict]) -> dict:
             "errors": sum(run["errors"] for run in runs)}
 
 
-async def measure(direct_url: str, proxy_url: str, headers: dict[str, str], key: str, level: int, total: int,
+@dataclass(frozen=True)
+class Target:
+    """One gateway path under load: its URL, the tool name it is called with, its request headers."""
+
+    url: str
+    tool: str
+    headers: dict[str, str]
+
+
+async def measure(direct_url: str, paths: dict[str, Target], headers: dict[str, str], level: int, total: int,
                   rounds: int, pids: list[int]) -> dict:
     """Alternate direct and gateway rounds so that a machine that slows down or speeds up during
-    the run (other tenants, CPU frequency) weighs on both sides alike."""
+    the run (other tenants, CPU frequency) weighs on both sides alike; the gateway paths take
+    turns in leading each round, so neither always follows the direct round."""
     direct: list[dict] = []
-    proxied: list[dict] = []
-    cpu = 0.0
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=level)) as to_direct, \
-            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=level)) as to_gateway:
+    proxied: dict[str, list[dict]] = {name: [] for name in paths}
+    cpu = dict.fromkeys(paths, 0.0)
+    async with contextlib.AsyncExitStack() as stack:
+        to_direct = await stack.enter_async_context(
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=level)))
+        to_gateway = {name: await stack.enter_async_context(
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=level))) for name in paths}
         await drive(to_direct, direct_url, headers, level, 2 * level)  # open the connections
-        with_key = {**headers, "Authorization": f"Bearer {key}"}
-        await drive(to_gateway, proxy_url, with_key, level, 2 * level)
-        for _ in range(rounds):
+        for name, path in paths.items():
+            await drive(to_gateway[name], path.url, path.headers, level, 2 * level, path.tool)
+        order = list(paths)
+        for round_no in range(rounds):
             direct.append(await drive(to_direct, direct_url, headers, level, total // rounds))
-            before = cpu_seconds(pids)
-            proxied.append(await drive(to_gateway, proxy_url, with_key, level, total // rounds))
-            cpu += cpu_seconds(pids) - before
-    gateway = summarise(proxied)
-    gateway["cpu_ms_per_call"] = cpu * 1000 / gateway["n"]
-    return {"concurrency": level, "direct": summarise(direct), "gateway": gateway}
+            for name in order[round_no % len(order):] + order[:round_no % len(order)]:
+                path = paths[name]
+                before = cpu_seconds(pids)
+                proxied[name].append(await drive(to_gateway[name], path.url, path.headers, level, total // rounds,
+                                                 path.tool))
+                cpu[name] += cpu_seconds(pids) - before
+    row: dict = {"concurrency": level, "direct": summarise(direct)}
+    for name, runs in proxied.items():
+        row[name] = summarise(runs)
+        row[name]["cpu_ms_per_call"] = cpu[name] * 1000 / row[name]["n"]
+    return row
 
 
-def setup_gateway_data(upstream_url: str) -> tuple[str, str]:
-    """Create a workspace, a free-plan user with a key, and the approved upstream."""
+def setup_gateway_data(upstream_url: str) -> tuple[str, str, str]:
+    """Create a workspace, a free-plan user with a key, and the approved upstream. Returns the
+    server's id, the raw key and the echo tool's name on the workspace endpoint."""
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "twinmcp.settings")
     import django
 
@@ -154,7 +183,10 @@ def setup_gateway_data(upstream_url: str) -> tuple[str, str]:
     if not result.ok:
         raise SystemExit(f"upstream check failed: {result.error_message}")
     catalog.tools_approve(server=server, actor=user, select_all=True)
-    return str(server.pk), raw
+    exposed = catalog.exposed_names_of(server).get("echo")
+    if exposed is None:
+        raise SystemExit("the upstream lists no echo tool")
+    return str(server.pk), raw, exposed
 
 
 def main() -> None:
@@ -163,7 +195,12 @@ def main() -> None:
     parser.add_argument("--levels", default="1,16,64")
     parser.add_argument("--rounds", type=int, default=5, help="alternating direct/gateway rounds per level")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn workers of the gateway")
-    parser.add_argument("--json", help="write the figures to this file too")
+    parser.add_argument("--list-servers", type=int, default=20, help="servers of the tools/list workspace")
+    parser.add_argument("--list-tools", type=int, default=50, help="approved tools per server there")
+    parser.add_argument("--list-requests", type=int, default=300,
+                        help="tools/list first pages, and as many full walks (0: skip the tools/list part)")
+    parser.add_argument("--list-cold", type=int, default=5, help="walks right after a cache flush")
+    parser.add_argument("--json", help="write the figures to this file too (tools/list: <name>.tools_list.json)")
     args = parser.parse_args()
     if "postgres" not in os.environ.get("DATABASE_URL", "") or not os.environ.get("REDIS_URL"):
         raise SystemExit("run through `make bench` (needs the private PostgreSQL and Redis)")
@@ -173,48 +210,83 @@ def main() -> None:
     os.environ.update({k: v for k, v in env.items() if k != "DEBUG"})
     up_port, gw_port = free_port(), free_port()
     procs: list[subprocess.Popen[bytes]] = []
+    recorder = tools_list_bench.Recorder()
     try:
         procs.append(subprocess.Popen([sys.executable, "-m", "tests.bench.upstream", "--port", str(up_port)],
                                       cwd=ROOT, env=env, start_new_session=True))
         wait_port(up_port)
         upstream_url = f"http://127.0.0.1:{up_port}/mcp"
-        server_id, key = setup_gateway_data(upstream_url)
+        server_id, key, exposed = setup_gateway_data(upstream_url)
+        list_key, list_tools, list_workspace = "", 0, None
+        if args.list_requests > 0:
+            list_key, list_tools, list_workspace = tools_list_bench.setup_listing_data(
+                f"http://127.0.0.1:{recorder.port}/mcp", args.list_servers, args.list_tools)
         gateway = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "twinmcp.asgi:application", "--host", "127.0.0.1", "--port",
              str(gw_port), "--workers", str(args.workers), "--no-access-log", "--log-level", "warning"],
             cwd=ROOT, env=env, start_new_session=True)
         procs.append(gateway)
         wait_port(gw_port)
-        proxy_url = f"http://127.0.0.1:{gw_port}/api/v1/external-mcp/{server_id}/mcp"
+        gateway_url = f"http://127.0.0.1:{gw_port}/api/v1/external-mcp"
         headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
                    "MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/call", "Mcp-Name": "echo"}
+        with_key = {**headers, "Authorization": f"Bearer {key}"}
+        paths = {"gateway": Target(f"{gateway_url}/{server_id}/mcp", "echo", with_key),
+                 "workspace": Target(f"{gateway_url}/mcp", exposed, {**with_key, "Mcp-Name": exposed})}
         pids = family(gateway.pid)
-        asyncio.run(measure(upstream_url, proxy_url, headers, key, 4, 600, 1, pids))  # warm-up
-        rows = [asyncio.run(measure(upstream_url, proxy_url, headers, key, int(level), args.requests, args.rounds,
-                                    pids)) for level in args.levels.split(",")]
-        print_table(rows)
+        asyncio.run(measure(upstream_url, paths, headers, 4, 600, 1, pids))  # warm-up
+        rows = [asyncio.run(measure(upstream_url, paths, headers, int(level), args.requests, args.rounds, pids))
+                for level in args.levels.split(",")]
+        print_table(rows, exposed)
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2))
+        if args.list_requests > 0:
+            from twinmcp import invalidation
+
+            contacted_before = recorder.connections
+            listing = asyncio.run(tools_list_bench.measure_listing(
+                f"{gateway_url}/mcp", list_key, list_tools, args.list_requests, args.rounds, args.list_cold,
+                lambda: cpu_seconds(pids), invalidation.announce_change, list_workspace))
+            tools_list_bench.print_listing(listing, args.list_servers, recorder.port,
+                                           recorder.connections - contacted_before, recorder.connections)
+            listing["upstream_connections"] = recorder.connections
+            if args.json:
+                Path(args.json).with_suffix(".tools_list.json").write_text(json.dumps(listing, indent=2))
     finally:
         for proc in procs:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
         for proc in procs:
             proc.wait(timeout=15)
+        recorder.close()
 
 
-def print_table(rows: list[dict]) -> None:
-    print(f"\n{'C':>3} {'path':<8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'req/s':>8} {'errors':>6} "
-          f"{'CPU ms/call':>11} {'p50 +ms':>8} {'rps ratio':>9}")
+def print_table(rows: list[dict], exposed: str = "") -> None:
+    """The per-level table: ``gateway`` is the per-server endpoint, ``workspace`` the workspace
+    endpoint (its last column is its CPU per call as a ratio to the per-server endpoint's)."""
+    print(f"\n{'C':>3} {'path':<9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'req/s':>8} {'errors':>6} "
+          f"{'CPU ms/call':>11} {'p50 +ms':>8} {'rps ratio':>9} {'CPU vs gw':>9}")
     for row in rows:
         d, g = row["direct"], row["gateway"]
-        for name, r in (("direct", d), ("gateway", g)):
+        for name in ("direct", "gateway", "workspace"):
+            r = row.get(name)
+            if r is None:
+                continue
             extra = ""
-            if name == "gateway":
+            if name != "direct":
                 extra = (f"{r['cpu_ms_per_call']:>11.2f} {r['p50'] - d['p50']:>8.2f} "
                          f"{r['rps'] / d['rps']:>9.2f}")
-            print(f"{row['concurrency']:>3} {name:<8} {r['p50']:>8.2f} {r['p95']:>8.2f} {r['p99']:>8.2f} "
+            if name == "workspace":
+                extra += f" {r['cpu_ms_per_call'] / g['cpu_ms_per_call']:>9.2f}"
+            print(f"{row['concurrency']:>3} {name:<9} {r['p50']:>8.2f} {r['p95']:>8.2f} {r['p99']:>8.2f} "
                   f"{r['rps']:>8.0f} {r['errors']:>6} {extra}")
+    if any("workspace" in row for row in rows):
+        ratios = ", ".join(f"C = {row['concurrency']}: {row['workspace']['cpu_ms_per_call']:.2f} / "
+                           f"{row['gateway']['cpu_ms_per_call']:.2f} ms = "
+                           f"{row['workspace']['cpu_ms_per_call'] / row['gateway']['cpu_ms_per_call']:.2f}"
+                           for row in rows)
+        print(f"gateway = per-server endpoint (tool echo); workspace = /api/v1/external-mcp/mcp (tool {exposed}).\n"
+              f"workspace CPU per call vs per-server (target <= 1.10): {ratios}")
 
 
 if __name__ == "__main__":
