@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.db.models import QuerySet
+from django.db.models import Prefetch, QuerySet
 from django.http import Http404
 from django.utils import timezone
 from drf_spectacular.utils import OpenApiParameter, extend_schema
@@ -15,9 +15,9 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from external_mcp import catalog, health, services
+from external_mcp import catalog, health, services, toolsets
 from external_mcp.choices import ServerStatus, ToolState
-from external_mcp.models import ExternalMcpServer, ExternalMcpTool
+from external_mcp.models import ExternalMcpServer, ExternalMcpTool, Toolset
 from external_mcp.serializers import (
     ChecksSerializer,
     CredentialsRotateSerializer,
@@ -30,6 +30,9 @@ from external_mcp.serializers import (
     TestResultSerializer,
     ToolApproveSerializer,
     ToolSerializer,
+    ToolsetSerializer,
+    ToolsetUpdateSerializer,
+    ToolsetWriteSerializer,
 )
 from twinmcp.flags import ExternalMcpEnabled
 from twinmcp.models import Membership, Role
@@ -186,6 +189,77 @@ class ServerChecks(ExternalMcpView):
             "status_changes": StatusChangeSerializer(server.status_changes.all()[:50], many=True).data,
         }
         return Response(data)
+
+
+class ToolsetView(ExternalMcpView):
+    """Toolsets of the caller's workspaces (the key's only): members read, admins write."""
+
+    def toolsets(self) -> QuerySet[Toolset]:
+        found = Toolset.objects.visible_to(self.request.user)
+        restrict = key_workspace_ids(self.request)
+        if restrict is not None:
+            found = found.filter(workspace_id__in=restrict)
+        return found.select_related("workspace", "created_by").prefetch_related(
+            Prefetch("servers", queryset=ExternalMcpServer.objects.only("id", "name", "prefix")),
+            Prefetch("tools", queryset=ExternalMcpTool.objects.only("id", "server_id", "name")),
+        )
+
+    def get_toolset(self, toolset_id: Any) -> Toolset:
+        toolset = self.toolsets().filter(pk=toolset_id).first()
+        if toolset is None:
+            raise Http404
+        return toolset
+
+    def require_admin(self, toolset: Any) -> None:
+        if not Membership.objects.filter(
+            user=self.request.user, workspace_id=toolset.workspace_id, role=Role.ADMIN
+        ).exists():
+            raise PermissionDenied("Only workspace admins can change toolsets.")
+
+    def shown(self, toolset_id: Any) -> dict[str, Any]:
+        toolset = self.get_toolset(toolset_id)
+        context = {"request": self.request, "served": {toolset.pk: toolsets.served_view(toolset)}}
+        return ToolsetSerializer(toolset, context=context).data
+
+
+class ToolsetListCreate(ToolsetView):
+    @extend_schema(parameters=PAGINATION_PARAMETERS, responses=ToolsetSerializer(many=True))
+    def get(self, request: Request) -> Response:
+        paginator = BoundedLimitOffsetPagination()
+        page = paginator.paginate_queryset(self.toolsets().order_by("name", "id"), request, view=self)
+        context = {"request": request, "served": toolsets.served_many(page)}
+        return paginator.get_paginated_response(ToolsetSerializer(page, many=True, context=context).data)
+
+    @extend_schema(request=ToolsetWriteSerializer, responses={201: ToolsetSerializer})
+    def post(self, request: Request) -> Response:
+        form = ToolsetWriteSerializer(data=request.data)
+        form.is_valid(raise_exception=True)
+        data = dict(form.validated_data)
+        workspace = resolve_workspace(request, data.pop("workspace", None), admin=True)
+        toolset = toolsets.toolset_create(workspace=workspace, actor=request.user, **data)
+        return Response(self.shown(toolset.pk), status=status.HTTP_201_CREATED)
+
+
+class ToolsetDetail(ToolsetView):
+    @extend_schema(responses=ToolsetSerializer)
+    def get(self, request: Request, toolset_id: Any) -> Response:
+        return Response(self.shown(toolset_id))
+
+    @extend_schema(request=ToolsetUpdateSerializer, responses=ToolsetSerializer)
+    def patch(self, request: Request, toolset_id: Any) -> Response:
+        toolset = self.get_toolset(toolset_id)
+        self.require_admin(toolset)
+        form = ToolsetUpdateSerializer(data=request.data, partial=True)
+        form.is_valid(raise_exception=True)
+        toolsets.toolset_update(toolset=toolset, actor=request.user, **form.validated_data)
+        return Response(self.shown(toolset_id))
+
+    @extend_schema(responses={204: None})
+    def delete(self, request: Request, toolset_id: Any) -> Response:
+        toolset = self.get_toolset(toolset_id)
+        self.require_admin(toolset)
+        toolsets.toolset_delete(toolset=toolset, actor=request.user)
+        return Response(status=status.HTTP_204_NO_CONTENT)
 
 
 PROXY_DESCRIPTION = (

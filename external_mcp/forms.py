@@ -13,7 +13,7 @@ from typing import Any
 from django import forms
 from django.core.exceptions import ValidationError
 
-from external_mcp.choices import SUPPORTED_AUTH_TYPE_CHOICES, AuthType, ServerStatus
+from external_mcp.choices import SUPPORTED_AUTH_TYPE_CHOICES, AuthType, PrefixMode, ServerStatus
 from external_mcp.credentials import MAX_PEM_BYTES
 from external_mcp.exposed_names import PREFIX_MAX_CHARS
 
@@ -229,3 +229,50 @@ def apply_service_errors(exc: ValidationError, *forms_: forms.Form) -> None:
                     main.add_error(None, error)
                 else:
                     main.add_error(None, f"{key}: {error}")
+
+
+TOOL_VALUE_SEPARATOR = ":"
+
+
+def tool_value(server_id: Any, name: str) -> str:
+    """A tool's checkbox value: its server's id, then its name (a UUID has a fixed length, so any name
+    reads back whole, colons included)."""
+    return f"{server_id}{TOOL_VALUE_SEPARATOR}{name}"
+
+
+def tool_ref(value: str) -> dict[str, str]:
+    return {"server": value[:36], "name": value[37:]}
+
+
+class ToolsetForm(forms.Form):
+    """Name, naming mode and members. The members offered are one workspace's (``servers``:
+    ``[(id, label)]``, ``tools``: ``[(tool_value, label)]``); the template groups the tools by server."""
+
+    workspace = forms.ChoiceField(label="Workspace", required=True)
+    name = forms.CharField(label="Name", max_length=100)
+    description = forms.CharField(label="Description", required=False, max_length=2000,
+                                  widget=forms.Textarea(attrs={"rows": 2}))
+    prefix_mode = forms.ChoiceField(
+        label="Tool names", choices=PrefixMode.choices, initial=PrefixMode.ALWAYS, widget=forms.RadioSelect,
+        help_text="Always prefixed: <prefix>__<tool>, never ambiguous. Never prefixed: the servers' own names, "
+                  "allowed only while no two members have a tool of the same name.")
+    servers = forms.MultipleChoiceField(label="Whole servers", required=False)
+    tools = forms.MultipleChoiceField(label="Single tools", required=False)
+
+    def __init__(self, *args: Any, workspaces: list | None = None, servers: list[tuple[str, str]] | None = None,
+                 tools: list[tuple[str, str]] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        workspaces = workspaces or []
+        if len(workspaces) > 1:
+            # Chosen on the page before the form (the members offered depend on it): carried, not shown.
+            self.fields["workspace"].choices = [(str(w.pk), w.name) for w in workspaces]
+            self.fields["workspace"].widget = forms.HiddenInput()
+        else:
+            del self.fields["workspace"]
+        self.fields["servers"].choices = servers or []
+        self.fields["tools"].choices = tools or []
+
+    def service_fields(self) -> dict[str, Any]:
+        data = self.cleaned_data
+        return {"name": data["name"], "description": data["description"], "prefix_mode": data["prefix_mode"],
+                "servers": list(data["servers"]), "tools": [tool_ref(value) for value in data["tools"]]}

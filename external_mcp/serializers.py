@@ -5,8 +5,8 @@ from __future__ import annotations
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from external_mcp import staleness, tool_names
-from external_mcp.choices import SUPPORTED_AUTH_TYPE_CHOICES, AuthType, ServerStatus, Transport
+from external_mcp import staleness, tool_names, toolsets
+from external_mcp.choices import SUPPORTED_AUTH_TYPE_CHOICES, AuthType, PrefixMode, ServerStatus, Transport
 from external_mcp.exposed_names import PREFIX_MAX_CHARS
 from external_mcp.models import (
     AuditEvent,
@@ -15,6 +15,7 @@ from external_mcp.models import (
     ExternalMcpTool,
     HealthCheck,
     StatusChange,
+    Toolset,
 )
 from twinmcp.parsers import BoundedJSONField
 
@@ -207,3 +208,101 @@ class TestResultSerializer(serializers.Serializer):
     status = serializers.CharField()
     server = ServerSerializer()
     tools = ToolSerializer(many=True)
+
+
+class ToolsetServerSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    name = serializers.CharField()
+    prefix = serializers.CharField()
+
+
+class ToolRefSerializer(serializers.Serializer):
+    """One tool of a server, by the server's id and the tool's name."""
+
+    server = serializers.UUIDField(help_text="The id of one of the workspace's servers.")
+    name = serializers.CharField(max_length=tool_names.STORED_CHARS, trim_whitespace=False,
+                                 help_text="The tool's name at its server (as GET …/servers/<id>/tools/ lists it).")
+
+
+class ServerRefSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    name = serializers.CharField()
+
+
+class CollisionSerializer(serializers.Serializer):
+    name = serializers.CharField(help_text="A tool name two or more members share.")
+    servers = ServerRefSerializer(many=True, help_text="The servers that have it.")
+
+
+TOOLSET_SERVERS_HELP = "Ids of the workspace's servers whose approved tools it serves, now and later."
+TOOLSET_TOOLS_HELP = "Single tools it serves (each only itself), by server id and tool name."
+PREFIX_MODE_HELP = ("always: tools are named <prefix>__<tool>; never: the servers' own names, allowed only while no "
+                    "two members have a tool of the same name.")
+
+
+class ToolsetSerializer(serializers.ModelSerializer):
+    """Give ``context={"request": …, "served": toolsets.served_many(…)}``."""
+
+    workspace = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+    created_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    servers = serializers.SerializerMethodField(help_text="Member servers: every approved tool of each.")
+    tools = serializers.SerializerMethodField(help_text="Member tools: only these.")
+    endpoint = serializers.SerializerMethodField(help_text="The toolset's MCP endpoint (Streamable HTTP), for agents.")
+    exposed_tools = serializers.SerializerMethodField(
+        help_text="The names agents see in tools/list now: approved tools of enabled members.")
+    collisions = serializers.SerializerMethodField(
+        help_text="Tool names two members share; a toolset that is never prefixed serves these prefixed. Empty "
+                  "when prefix_mode is always.")
+
+    class Meta:
+        model = Toolset
+        fields = ["id", "workspace", "name", "description", "prefix_mode", "servers", "tools", "endpoint",
+                  "exposed_tools", "collisions", "created_by", "created_at", "updated_at"]
+        read_only_fields = fields
+
+    @extend_schema_field(ToolsetServerSerializer(many=True))
+    def get_servers(self, toolset: Toolset) -> list[dict]:
+        servers = sorted(toolset.servers.all(), key=lambda s: (s.name.lower(), str(s.pk)))
+        return [{"id": str(s.pk), "name": s.name, "prefix": s.prefix} for s in servers]
+
+    @extend_schema_field(ToolRefSerializer(many=True))
+    def get_tools(self, toolset: Toolset) -> list[dict]:
+        refs = [{"server": str(t.server_id), "name": t.name} for t in toolset.tools.all()]
+        return sorted(refs, key=lambda ref: (ref["server"], ref["name"]))
+
+    def get_endpoint(self, toolset: Toolset) -> str:
+        return self.context["request"].build_absolute_uri(toolsets.endpoint_path(toolset.pk))
+
+    @extend_schema_field(serializers.ListField(child=serializers.CharField()))
+    def get_exposed_tools(self, toolset: Toolset) -> list[str]:
+        return self.context["served"][toolset.pk].exposed_tools
+
+    @extend_schema_field(CollisionSerializer(many=True))
+    def get_collisions(self, toolset: Toolset) -> list[dict]:
+        return [{"name": c.name, "servers": [{"id": str(i), "name": n} for i, n in c.servers]}
+                for c in self.context["served"][toolset.pk].collisions]
+
+
+class ToolsetWriteSerializer(serializers.Serializer):
+    """Type checks only; the rules live in external_mcp.toolsets."""
+
+    workspace = serializers.SlugField(required=False, help_text="Workspace slug (defaults to the key's).")
+    name = serializers.CharField(max_length=100, help_text="Unique in the workspace, whatever the case.")
+    description = serializers.CharField(required=False, allow_blank=True, max_length=2000, default="")
+    prefix_mode = serializers.ChoiceField(choices=PrefixMode.choices, default=PrefixMode.ALWAYS,
+                                          help_text=PREFIX_MODE_HELP)
+    servers = serializers.ListField(child=serializers.UUIDField(), required=False, max_length=1000, default=list,
+                                    help_text=TOOLSET_SERVERS_HELP)
+    tools = serializers.ListField(child=ToolRefSerializer(), required=False, max_length=5000, default=list,
+                                  help_text=TOOLSET_TOOLS_HELP)
+
+
+class ToolsetUpdateSerializer(ToolsetWriteSerializer):
+    workspace = None  # a toolset stays in its workspace
+    name = serializers.CharField(max_length=100, required=False)
+    description = serializers.CharField(required=False, allow_blank=True, max_length=2000)
+    prefix_mode = serializers.ChoiceField(choices=PrefixMode.choices, required=False, help_text=PREFIX_MODE_HELP)
+    servers = serializers.ListField(child=serializers.UUIDField(), required=False, max_length=1000,
+                                    help_text=TOOLSET_SERVERS_HELP + " Replaces the members.")
+    tools = serializers.ListField(child=ToolRefSerializer(), required=False, max_length=5000,
+                                  help_text=TOOLSET_TOOLS_HELP + " Replaces the members.")

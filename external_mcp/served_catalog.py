@@ -16,6 +16,7 @@ import base64
 import binascii
 import hashlib
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,37 +150,75 @@ def route_prefixed(name: str) -> tuple[str, str] | None:
 
 
 def build_view(workspace_id: Any, toolset_id: Any = None) -> View | None:
-    """The catalog served at an aggregate endpoint; None for a toolset not in the workspace."""
+    """``view_of`` in a gateway worker thread, which first drops a connection the database closed."""
     close_old_connections()
-    servers = ExternalMcpServer.objects.filter(workspace_id=workspace_id)
-    chosen: dict[Any, set[str] | None] | None = None
-    prefixed = True
-    title = "TwinMCP"
-    if toolset_id is not None:
-        toolset = Toolset.objects.filter(pk=toolset_id, workspace_id=workspace_id).first()
-        if toolset is None:
-            return None
-        prefixed = toolset.prefix_mode == PrefixMode.ALWAYS
-        title = f"TwinMCP: {toolset.name}"
-        chosen = {server_id: None for server_id in toolset.servers.values_list("id", flat=True)}
-        for server_id, name in toolset.tools.values_list("server_id", "name"):
-            if server_id not in chosen or chosen[server_id] is not None:
-                chosen.setdefault(server_id, set()).add(name)  # type: ignore[union-attr]
-        servers = servers.filter(pk__in=list(chosen))
+    return view_of(workspace_id, toolset_id)
+
+
+def view_of(workspace_id: Any, toolset_id: Any = None) -> View | None:
+    """The catalog served at an aggregate endpoint; None for a toolset not in the workspace."""
+    if toolset_id is None:
+        servers = ExternalMcpServer.objects.filter(workspace_id=workspace_id)
+        return _assemble(workspace_id, None, PrefixMode.ALWAYS, "TwinMCP", None, _members(servers),
+                         _rows(servers.values("id")))
+    toolset = (Toolset.objects.filter(pk=toolset_id, workspace_id=workspace_id)
+               .prefetch_related("servers", "tools").first())
+    if toolset is None:
+        return None
+    return views_of([toolset])[toolset.pk]
+
+
+def views_of(toolsets: Sequence[Toolset]) -> dict[Any, View]:
+    """The view of each toolset (``servers`` and ``tools`` prefetched) in two more queries, however
+    many there are: a list of toolsets shows what each serves without a query per row."""
+    chosen = {toolset.pk: _chosen(toolset) for toolset in toolsets}
+    ids = {server_id for members in chosen.values() for server_id in members}
+    servers = _members(ExternalMcpServer.objects.filter(pk__in=ids))
+    rows = _rows(list(ids))
+    return {t.pk: _assemble(t.workspace_id, t.pk, t.prefix_mode, f"TwinMCP: {t.name}", chosen[t.pk],
+                            [s for s in servers if s.id in chosen[t.pk] and s.workspace_id == t.workspace_id],
+                            [r for r in rows if r[0] in chosen[t.pk]])
+            for t in toolsets}
+
+
+def _chosen(toolset: Toolset) -> dict[Any, set[str] | None]:
+    """server id -> its member tools' names, or None when the whole server is a member."""
+    chosen: dict[Any, set[str] | None] = {server.pk: None for server in toolset.servers.all()}
+    for tool in toolset.tools.all():
+        names = chosen.get(tool.server_id, set())
+        if names is not None:
+            names.add(tool.name)
+            chosen[tool.server_id] = names
+    return chosen
+
+
+def _members(servers: Any) -> list[ExternalMcpServer]:
+    return list(servers.only("id", "workspace_id", "prefix", "name", "enabled", "status", "server_info"))
+
+
+def _rows(server_ids: Any) -> list[tuple[Any, str, str, Any, str]]:
+    return list(ExternalMcpTool.objects.listed().filter(server_id__in=server_ids)
+                .values_list("server_id", "name", "state", "approved_definition", "approved_hash")
+                .order_by("server_id", "name"))
+
+
+def _assemble(workspace_id: Any, toolset_id: Any, prefix_mode: str, title: str,
+              chosen: dict[Any, set[str] | None] | None, servers: Iterable[ExternalMcpServer],
+              rows: Iterable[tuple[Any, str, str, Any, str]]) -> View:
+    """The naming, collision and listing rules, over rows already read."""
+    prefixed = prefix_mode == PrefixMode.ALWAYS
     members = {
         s.id: Member(id=s.id, prefix=s.prefix, name=s.name, era=str(s.server_info.get("era", "")),
                      capabilities=_capabilities(s.server_info), serving=s.enabled and s.status != ServerStatus.DISABLED,
                      whole=chosen is None or chosen.get(s.id) is None)
-        for s in servers.only("id", "prefix", "name", "enabled", "status", "server_info")
+        for s in servers
     }
-    rows = (ExternalMcpTool.objects.listed().filter(server_id__in=list(members))
-            .values_list("server_id", "name", "state", "approved_definition", "approved_hash")
-            .order_by("server_id", "name"))
     by_server: dict[Any, list[tuple[str, str, Any]]] = {}
     pinned: dict[tuple[Any, str], str] = {}
     for server_id, name, state, definition, approved_hash in rows:
-        by_server.setdefault(server_id, []).append((name, state, definition))
-        pinned[(server_id, name)] = approved_hash
+        if server_id in members:
+            by_server.setdefault(server_id, []).append((name, state, definition))
+            pinned[(server_id, name)] = approved_hash
     routes: dict[str, Route] = {}
     listed: dict[str, tuple[Any, dict[str, Any]]] = {}
     names: dict[Any, dict[str, str]] = {}

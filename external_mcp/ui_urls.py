@@ -1,8 +1,9 @@
-"""Admin pages of the server registry and the notification inbox (see external_mcp.views)."""
+"""Admin pages of the server registry, toolsets and the notification inbox (see external_mcp.views
+and external_mcp.toolset_views)."""
 
 from django.urls import path
 
-from external_mcp import views
+from external_mcp import toolset_views, views
 
 urlpatterns = [
     path("servers/", views.server_list, name="external_mcp-ui-servers"),
@@ -15,6 +16,11 @@ urlpatterns = [
     path("servers/<uuid:server_id>/rotate/", views.server_rotate, name="external_mcp-ui-server-rotate"),
     path("servers/<uuid:server_id>/tools/approve/", views.server_tools_approve,
          name="external_mcp-ui-server-tools-approve"),
+    path("toolsets/", toolset_views.toolset_list, name="external_mcp-ui-toolsets"),
+    path("toolsets/new/", toolset_views.toolset_add, name="external_mcp-ui-toolset-add"),
+    path("toolsets/<uuid:toolset_id>/", toolset_views.toolset_detail, name="external_mcp-ui-toolset"),
+    path("toolsets/<uuid:toolset_id>/edit/", toolset_views.toolset_edit, name="external_mcp-ui-toolset-edit"),
+    path("toolsets/<uuid:toolset_id>/delete/", toolset_views.toolset_delete, name="external_mcp-ui-toolset-delete"),
     path("notifications/", views.notifications, name="external_mcp-ui-notifications"),
     path("notifications/read-all/", views.notifications_read_all, name="external_mcp-ui-notifications-read-all"),
     path("notifications/<uuid:notification_id>/read/", views.notification_read,

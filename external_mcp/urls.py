@@ -16,6 +16,8 @@ urlpatterns = [
          name="external_mcp-server-tools"),
     path("api/v1/external-mcp/servers/<uuid:server_id>/tools/approve/", api.ServerToolsApprove.as_view(),
          name="external_mcp-server-tools-approve"),
+    path("api/v1/external-mcp/toolsets/", api.ToolsetListCreate.as_view(), name="external_mcp-toolsets"),
+    path("api/v1/external-mcp/toolsets/<uuid:toolset_id>/", api.ToolsetDetail.as_view(), name="external_mcp-toolset"),
     path("api/v1/external-mcp/<uuid:server_id>/mcp", api.ProxyEndpoint.as_view(), name="external_mcp-proxy"),
     path("api/v1/external-mcp/servers/<uuid:server_id>/checks/", api.ServerChecks.as_view(),
          name="external_mcp-server-checks"),

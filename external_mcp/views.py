@@ -524,9 +524,15 @@ def _detail_page(request: HttpRequest, server: ExternalMcpServer, *, rotate_form
     return _render(request, "external_mcp/server_detail.html", context, status=status)
 
 
+def connect_context(request: HttpRequest, *, name: str, path: str) -> dict[str, Any]:
+    """What the "Connect an agent" section (``_connect.html``) shows for the endpoint at ``path``;
+    ``name`` is the plain identifier the configurations file it under."""
+    url = request.build_absolute_uri(path)
+    return {"endpoint_url": url, "agent_configs": agent_configs(name=name, url=url)}
+
+
 def _connect_context(request: HttpRequest, server: ExternalMcpServer) -> dict[str, Any]:
-    url = request.build_absolute_uri(reverse("external_mcp-proxy", args=[server.pk]))
-    return {"endpoint_url": url, "agent_configs": agent_configs(name=server.prefix, url=url)}
+    return connect_context(request, name=server.prefix, path=reverse("external_mcp-proxy", args=[server.pk]))
 
 
 @login_required

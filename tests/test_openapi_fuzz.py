@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from rest_framework.test import APIClient
 
-from external_mcp import services
+from external_mcp import services, toolsets
 
 
 @pytest.fixture
@@ -39,7 +39,13 @@ def seeded(admin, member, flag_on, settings):
     return server
 
 
-def test_schema_operations_never_answer_5xx(seeded, admin, wsgi_app):
+@pytest.fixture
+def seeded_toolset(seeded, admin):
+    return toolsets.toolset_create(workspace=admin.workspace, actor=admin.user, name="seed set",
+                                   servers=[str(seeded.pk)])
+
+
+def test_schema_operations_never_answer_5xx(seeded, seeded_toolset, admin, wsgi_app):
     schema = schemathesis.openapi.from_wsgi("/api/schema/", wsgi_app)
     # The MCP proxy path is served by the ASGI router, not this WSGI app: tests/test_proxy.py covers it.
     operations = [op for op in (result.ok() for result in schema.get_all_operations())
@@ -54,6 +60,8 @@ def test_schema_operations_never_answer_5xx(seeded, admin, wsgi_app):
         def exercise(case) -> None:
             if "server_id" in (case.path_parameters or {}) and case.path_parameters["server_id"].endswith("0"):
                 case.path_parameters["server_id"] = str(seeded.pk)
+            if "toolset_id" in (case.path_parameters or {}) and case.path_parameters["toolset_id"].endswith("0"):
+                case.path_parameters["toolset_id"] = str(seeded_toolset.pk)
             response = case.call(headers={"Authorization": f"Bearer {admin.raw_key}"})
             if response.status_code >= 500:
                 failures.append(f"{case.method} {case.formatted_path} -> {response.status_code}")
@@ -88,7 +96,7 @@ def body_properties(client: APIClient, operation: dict) -> list[str]:
     return list(schema.get("properties", {}))
 
 
-def test_hostile_inputs_on_every_documented_operation_get_json_4xx(seeded, admin, settings):
+def test_hostile_inputs_on_every_documented_operation_get_json_4xx(seeded, seeded_toolset, admin, settings):
     """Huge and malformed integers in every integer query parameter (a 400 naming it), NULs and
     invalid UTF-8 in every parameter, malformed path ids (JSON 404), JSON nested 100,000 deep and
     bodies over the upload limit on every operation that takes a body: never a 5xx, never HTML."""
@@ -115,7 +123,8 @@ def test_hostile_inputs_on_every_documented_operation_get_json_4xx(seeded, admin
     assert len(operations) >= 15
     for method, path, operation in operations:
         parameters = operation.get("parameters", [])
-        url = path.replace("{server_id}", str(seeded.pk)).replace("{key_id}", str(uuid.uuid4()))
+        url = (path.replace("{server_id}", str(seeded.pk)).replace("{toolset_id}", str(seeded_toolset.pk))
+               .replace("{key_id}", str(uuid.uuid4())))
         for parameter in parameters:
             name, kind = parameter["name"], parameter["schema"].get("type")
             if parameter["in"] == "path":

@@ -156,9 +156,10 @@ def test_create_key_shows_it_once_with_a_client_configuration(admin_web, admin):
     assert raw.startswith(key.prefix)
     config_text = re.search(r'<pre class="snippet" id="mcp-config">(.*?)</pre>', page, re.S).group(1)
     config = json.loads(config_text.replace("&quot;", '"').replace("&lt;", "<").replace("&gt;", ">"))
-    entry = config["mcpServers"]["crm"]
-    assert entry == {"type": "http", "url": f"http://testserver/api/v1/external-mcp/{server.pk}/mcp",
+    entry = config["mcpServers"]["twinmcp-acme"]
+    assert entry == {"type": "http", "url": "http://testserver/api/v1/external-mcp/mcp",
                      "headers": {"Authorization": f"Bearer {raw}"}}
+    assert f"Server crm: <code class=\"break\">http://testserver/api/v1/external-mcp/{server.pk}/mcp</code>" in page
     assert 'data-copy-target="#new-key-value"' in page
     again = html(admin_web.get("/api-keys/"))
     assert raw not in again and key.prefix in again and "laptop" in again

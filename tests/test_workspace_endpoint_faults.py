@@ -119,9 +119,9 @@ def test_a_toolset_serves_only_its_members_and_never_mode_keeps_upstream_names(a
                 return listed, await client.call_tool(listed[0], {"a": 1, "b": 2} if "add" in listed[0] else {
                     "text": "member"})
 
-        from external_mcp.served_catalog import build_view
+        from external_mcp.served_catalog import view_of
 
-        resource_members = [m.id for m in build_view(admin.workspace.pk, picked.pk).serving("resources")]
+        resource_members = [m.id for m in view_of(admin.workspace.pk, picked.pk).serving("resources")]
         picked_names, _ = asyncio.run(names(picked, "legacy"))
         plain_names, result = asyncio.run(names(plain, "2026-07-28"))
     assert picked_names == ["alpha__add", "alpha__count", "alpha__echo", "alpha__slow_echo", "beta__add"]

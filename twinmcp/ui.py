@@ -1,5 +1,6 @@
 """The API keys page: create a TwinMCP key (shown once, with a ready-to-paste MCP client
-configuration), list the caller's keys, revoke one. Writes go through ``twinmcp.services``."""
+configuration for the workspace endpoint), list the caller's keys, revoke one. Writes go through
+``twinmcp.services``."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_http_methods, require_POST
 
-from external_mcp.models import ExternalMcpServer
+from external_mcp.models import ExternalMcpServer, Toolset
+from external_mcp.toolsets import WORKSPACE_ENDPOINT_PATH, endpoint_path
 from twinmcp import services
 from twinmcp.flags import external_mcp_enabled
 from twinmcp.models import ApiKey, Membership, Workspace
@@ -39,27 +41,26 @@ class ApiKeyCreateForm(forms.Form):
         self.fields["workspace"].choices = [(str(w.pk), w.name) for w in workspaces]
 
 
-def mcp_client_config(request: HttpRequest, workspace: Workspace, raw_key: str) -> tuple[str, int]:
-    """A JSON ``mcpServers`` block with every server of the key's workspace behind the proxy."""
-    servers = []
+def mcp_client_config(request: HttpRequest, workspace: Workspace, raw_key: str) -> dict[str, Any]:
+    """The ``mcpServers`` block to paste, pointing at the workspace endpoint (every approved tool
+    of the workspace, ``<prefix>__<tool>``), and the narrower endpoints beside it: each server's
+    own and each toolset's."""
+    servers: list[ExternalMcpServer] = []
+    toolsets: list[Toolset] = []
     if external_mcp_enabled(request, [workspace.pk]):
         servers = list(ExternalMcpServer.objects.visible_to(request.user).filter(workspace=workspace)
                        .order_by("name"))
-    entries = {
-        server.name: {
-            "type": "http",
-            "url": request.build_absolute_uri(reverse("external_mcp-proxy", args=[server.pk])),
-            "headers": {"Authorization": f"Bearer {raw_key}"},
-        }
-        for server in servers
+        toolsets = list(Toolset.objects.filter(workspace=workspace).order_by("name"))
+    url = request.build_absolute_uri(WORKSPACE_ENDPOINT_PATH)
+    entry = {"type": "http", "url": url, "headers": {"Authorization": f"Bearer {raw_key}"}}
+    return {
+        "config": json.dumps({"mcpServers": {f"twinmcp-{workspace.slug}": entry}}, indent=2, ensure_ascii=False),
+        "workspace_url": url,
+        "server_count": len(servers),
+        "servers": [(s.name, request.build_absolute_uri(reverse("external_mcp-proxy", args=[s.pk])))
+                    for s in servers],
+        "toolsets": [(t.name, request.build_absolute_uri(endpoint_path(t.pk))) for t in toolsets],
     }
-    if not entries:
-        entries = {"<server name>": {
-            "type": "http",
-            "url": request.build_absolute_uri("/api/v1/external-mcp/") + "<server id>/mcp",
-            "headers": {"Authorization": f"Bearer {raw_key}"},
-        }}
-    return json.dumps({"mcpServers": entries}, indent=2, ensure_ascii=False), len(servers)
 
 
 def _page(request: HttpRequest, form: ApiKeyCreateForm, *, created: dict | None = None,
@@ -67,7 +68,8 @@ def _page(request: HttpRequest, form: ApiKeyCreateForm, *, created: dict | None 
     keys = ApiKey.objects.filter(user=request.user).select_related("workspace")
     response = render(request, "twinmcp/api_keys.html",
                       {"form": form, "keys": keys, "created": created,
-                       "multi_workspace": len(form.workspaces) > 1}, status=status)
+                       "multi_workspace": len(form.workspaces) > 1,
+                       "workspace_endpoint": request.build_absolute_uri(WORKSPACE_ENDPOINT_PATH)}, status=status)
     if created:
         response["Cache-Control"] = "no-store"  # the raw key is in this page: never cache it
     return response
@@ -96,8 +98,7 @@ def api_keys(request: HttpRequest) -> HttpResponse:
                 target = "expires_on" if field == "expires_at" else field
                 form.add_error(target if target in form.fields else None, errors)
         else:
-            config, server_count = mcp_client_config(request, workspace, raw)
-            created = {"key": key, "raw": raw, "config": config, "server_count": server_count}
+            created = {"key": key, "raw": raw, **mcp_client_config(request, workspace, raw)}
             return _page(request, ApiKeyCreateForm(workspaces=workspaces), created=created, status=201)
     return _page(request, form, status=400)
 

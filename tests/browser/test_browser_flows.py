@@ -252,8 +252,9 @@ def test_quota_banner_and_api_keys(page, people, settings, midday):
     key = page.locator("#new-key-value").inner_text()
     assert key.startswith("tmcp_")
     config = json.loads(page.locator("#mcp-config").inner_text())
-    assert config["mcpServers"]["crm"]["url"].endswith(f"/api/v1/external-mcp/{server_id}/mcp")
-    assert config["mcpServers"]["crm"]["headers"]["Authorization"] == f"Bearer {key}"
+    assert config["mcpServers"]["twinmcp-acme"]["url"].endswith("/api/v1/external-mcp/mcp")
+    assert config["mcpServers"]["twinmcp-acme"]["headers"]["Authorization"] == f"Bearer {key}"
+    assert f"/api/v1/external-mcp/{server_id}/mcp" in page.locator("#other-endpoints").inner_text()
     page.get_by_role("button", name="Copy key").click()
     page.get_by_text("Copied to the clipboard.").first.wait_for()
     assert page.evaluate("navigator.clipboard.readText()") == key
