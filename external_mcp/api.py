@@ -55,11 +55,13 @@ class ExternalMcpView(APIView):
             raise Http404
         return server
 
-    def require_admin(self, server: ExternalMcpServer) -> None:
+    changed = "servers"
+
+    def require_admin(self, target: ExternalMcpServer | Toolset) -> None:
         if not Membership.objects.filter(
-            user=self.request.user, workspace_id=server.workspace_id, role=Role.ADMIN
+            user=self.request.user, workspace_id=target.workspace_id, role=Role.ADMIN
         ).exists():
-            raise PermissionDenied("Only workspace admins can change servers.")
+            raise PermissionDenied(f"Only workspace admins can change {self.changed}.")
 
 
 class ServerListCreate(ExternalMcpView):
@@ -194,6 +196,8 @@ class ServerChecks(ExternalMcpView):
 class ToolsetView(ExternalMcpView):
     """Toolsets of the caller's workspaces (the key's only): members read, admins write."""
 
+    changed = "toolsets"
+
     def toolsets(self) -> QuerySet[Toolset]:
         found = Toolset.objects.visible_to(self.request.user)
         restrict = key_workspace_ids(self.request)
@@ -210,11 +214,6 @@ class ToolsetView(ExternalMcpView):
             raise Http404
         return toolset
 
-    def require_admin(self, toolset: Any) -> None:
-        if not Membership.objects.filter(
-            user=self.request.user, workspace_id=toolset.workspace_id, role=Role.ADMIN
-        ).exists():
-            raise PermissionDenied("Only workspace admins can change toolsets.")
 
     def shown(self, toolset_id: Any) -> dict[str, Any]:
         toolset = self.get_toolset(toolset_id)

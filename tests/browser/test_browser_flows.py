@@ -298,3 +298,37 @@ def test_quota_banner_and_api_keys(page, people, settings, midday):
     with page.expect_request(is_refresh):
         page.evaluate("Object.defineProperty(document, 'visibilityState', {configurable: true, get: () => 'visible'});"
                       "document.dispatchEvent(new Event('visibilitychange'))")
+
+
+def test_a_toolset_is_made_in_the_browser_and_a_name_collision_is_named(page, people):
+    from external_mcp.catalog import canonical_definition, definition_hash
+    from external_mcp.choices import ToolState
+    from external_mcp.services import server_create
+
+    for name in ("CRM", "Tickets"):
+        server = server_create(workspace=people["workspace"], actor=people["alice"], name=name,
+                               base_url=f"https://93.184.215.14/{name.lower()}/mcp")
+        for tool in ("search", f"{name.lower()}_export"):
+            definition = canonical_definition({"name": tool, "description": f"{tool} in {name}.",
+                                               "inputSchema": {"type": "object"}})
+            digest = definition_hash(definition)
+            ExternalMcpTool.objects.create(server=server, name=tool, definition=definition, definition_hash=digest,
+                                           state=ToolState.APPROVED, approved_definition=definition,
+                                           approved_hash=digest, approved_at=timezone.now())
+    login(page, "alice")
+    page.get_by_role("link", name="Toolsets").click()
+    page.get_by_role("link", name="New toolset").first.click()
+    page.locator("#id_name").fill("support agent")
+    page.get_by_label("Never prefixed").check()
+    page.get_by_label("CRM").first.check()
+    page.get_by_label("Tickets").first.check()
+    page.get_by_role("button", name="Create toolset").click()
+    error = page.get_by_text(re.compile("collide"))
+    assert "search (CRM, Tickets)" in error.inner_text()
+    screenshot(page, "toolset-form")
+    page.get_by_label("Always prefixed").check()
+    page.get_by_role("button", name="Create toolset").click()
+    page.wait_for_url(re.compile(r"/toolsets/[0-9a-f-]{36}/$"))
+    body = page.locator("main").inner_text()
+    assert "crm__search" in body and "tickets__search" in body and "/api/v1/external-mcp/toolsets/" in body
+    screenshot(page, "toolset-detail")
