@@ -49,6 +49,8 @@ OUTGOING = "twinmcp:"
 NAMED = {"prompts/get": ("prompts", "name"), "resources/read": ("resources", "uri"),
          "resources/subscribe": ("resources", "uri"), "resources/unsubscribe": ("resources", "uri")}
 JSON_HEADERS = [(b"content-type", b"application/json")]
+ROUTING_HEADERS = (b"mcp-protocol-version", b"mcp-method", b"mcp-name")
+"""What the 2026-07-28 ladder compares with the body (the SDK reads no other header)."""
 
 
 class AggregateEndpoint(Pipeline):
@@ -119,8 +121,8 @@ async def agent_of(call: Call, key: KeyInfo, headers: dict[bytes, bytes], messag
     store = sessions.store()
     if message is not None and _is_modern(message, headers):
         if is_request(message):
-            verdict = classify_inbound_request(message, headers={k.decode("latin-1"): v.decode("latin-1")
-                                                                 for k, v in headers.items()})
+            routing = {name.decode(): headers[name].decode("latin-1") for name in ROUTING_HEADERS if name in headers}
+            verdict = classify_inbound_request(message, headers=routing)
             if isinstance(verdict, InboundLadderRejection):
                 raise ProxyError(ERROR_CODE_HTTP_STATUS.get(verdict.code, 400), verdict.code, verdict.message,
                                  data=verdict.data if isinstance(verdict.data, dict) else None)
