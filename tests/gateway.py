@@ -115,7 +115,9 @@ class GatewayProcess:
         supervised = self.workers if self.workers > 1 else 0  # one worker runs without a supervisor
         while len(self.worker_pids()) < supervised or not self._answers():
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the gateway did not start:\n{self.output()}")
+                output = self.output()
+                self.stop()  # a gateway that did not start must not outlive the test
+                raise RuntimeError(f"the gateway did not start:\n{output}")
             time.sleep(0.1)
         return self
 
