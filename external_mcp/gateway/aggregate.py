@@ -54,6 +54,9 @@ ROUTING_HEADERS = (b"mcp-protocol-version", b"mcp-method", b"mcp-name")
 
 
 class AggregateEndpoint(Pipeline):
+    """TwinMCP as the MCP server of a workspace or toolset; what it cannot answer itself goes to
+    the owning server through the shared pipeline."""
+
     async def handle(self, call: Call, scope: Scope, headers: dict[bytes, bytes], receive: Receive,
                      send: Send) -> None:
         inbound.check_host(headers)
@@ -75,9 +78,11 @@ class AggregateEndpoint(Pipeline):
                 await initialize(call, key, view, message, where)
                 return
         agent = await agent_of(call, key, headers, message, where)
+        if call.method == "DELETE":
+            await end(call, key, agent)
+            return
         if message is None:
-            await (end(call, key, agent) if call.method == "DELETE" else listen_stream(call, key, view, agent, send,
-                                                                                       receive, None))
+            await listen_stream(call, key, view, agent, send, receive, None)
             return
         if "method" not in message:
             await answer_upstream(call, key, view, agent, message, receive, send)
