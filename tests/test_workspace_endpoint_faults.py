@@ -205,3 +205,54 @@ def test_an_expired_view_is_served_while_it_is_rebuilt_and_a_flush_drops_it_at_o
     first, stale, rebuilt, after_flush = asyncio.run(scenario())
     assert stale is first and rebuilt is not first
     assert after_flush is not rebuilt and after_flush.digest == rebuilt.digest
+
+
+def test_an_upstream_session_id_that_is_not_visible_ascii_is_refused_not_stored(admin, gateway):
+    """A hostile upstream's session id would be sent back in a header on every later request."""
+    import json as json_module
+
+    from external_mcp.catalog import canonical_definition, definition_hash
+    from external_mcp.choices import ToolState
+    from external_mcp.models import ExternalMcpServer, ExternalMcpTool
+    from external_mcp.services import server_create
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        request = json_module.loads(body or b"{}")
+        if request.get("method") != "initialize":
+            await send({"type": "http.response.start", "status": 202, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        answer = json_module.dumps({"jsonrpc": "2.0", "id": request["id"], "result": {
+            "protocolVersion": "2025-11-25", "capabilities": {"tools": {}},
+            "serverInfo": {"name": "h", "version": "1"}}}).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"application/json"), (b"mcp-session-id", b"a session id with spaces")]})
+        await send({"type": "http.response.body", "body": answer})
+
+    with mcp_peers.serve_asgi(app, name="hostile-session") as peer:
+        server = server_create(workspace=admin.workspace, actor=admin.user, name="Hostile", base_url=peer.url)
+        ExternalMcpServer.objects.filter(pk=server.pk).update(server_info={"era": "handshake",
+                                                                           "capabilities": {"tools": {}}})
+        definition = canonical_definition({"name": "echo", "inputSchema": {"type": "object"}})
+        digest = definition_hash(definition)
+        ExternalMcpTool.objects.create(server=server, name="echo", definition=definition, definition_hash=digest,
+                                       state=ToolState.APPROVED, approved_definition=definition, approved_hash=digest)
+
+        async def scenario():
+            async with agent(workspace_url(gateway), admin.raw_key) as client:
+                with pytest.raises(MCPError) as refused:
+                    await client.call_tool("hostile__echo", {})
+                return refused.value
+
+        refused = asyncio.run(scenario())
+        calls = [r for r in peer.requests if r.rpc_method == "tools/call"]
+    assert "did not open a session" in refused.error.message and "visible ASCII" in refused.error.message
+    assert calls == []

@@ -19,6 +19,7 @@ from external_mcp import sse
 from external_mcp.gateway import sessions, transport
 from external_mcp.gateway.call import Call
 from external_mcp.gateway.errors import ProxyError, too_large, upstream_error
+from external_mcp.gateway.relay import SESSION_ID_RE
 from external_mcp.gateway.sessions import Record, StoreDown, Upstream
 from external_mcp.jsonrpc import dumps, is_response, parse_json
 from external_mcp.proxy_cache import ServerInfo
@@ -133,6 +134,8 @@ async def open_session(call: Call, agent: Agent, server: ServerInfo) -> Upstream
     negotiated = result.get("protocolVersion") if isinstance(result, dict) else None
     if not isinstance(negotiated, str) or negotiated not in HANDSHAKE_PROTOCOL_VERSIONS:
         raise _refused(server, "it offered no protocol version TwinMCP speaks")
+    if session_id is not None and not SESSION_ID_RE.fullmatch(session_id):
+        raise _refused(server, "its session id is not visible ASCII")
     if session_id:
         headers["Mcp-Session-Id"] = session_id
     headers["MCP-Protocol-Version"] = negotiated
