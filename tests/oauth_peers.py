@@ -184,10 +184,11 @@ class OAuthPeer(RunningPeer):
     def register_client(self, redirect_uri: str, **fields: Any) -> OAuthClientInformationFull:
         """A client registered by hand (what an admin gets from a provider's console)."""
         assert self.provider is not None
-        client = OAuthClientInformationFull(
-            client_id=secrets.token_urlsafe(12), client_secret=secrets.token_urlsafe(24),
-            redirect_uris=[redirect_uri], grant_types=["authorization_code", "refresh_token"],
-            token_endpoint_auth_method="client_secret_post", scope=SCOPE, **fields)  # type: ignore[arg-type]
+        values: dict[str, Any] = {
+            "client_id": secrets.token_urlsafe(12), "client_secret": secrets.token_urlsafe(24),
+            "redirect_uris": [redirect_uri], "grant_types": ["authorization_code", "refresh_token"],
+            "token_endpoint_auth_method": "client_secret_post", "scope": SCOPE, **fields}
+        client = OAuthClientInformationFull.model_validate(values)
         self.provider.clients[client.client_id] = client
         return client
 
