@@ -1,4 +1,21 @@
-"""OAuth 2.1 for upstream MCP servers (the MCP authorization spec): discovery first; the token
-flows follow (docs/plans/oauth-upstreams.md). Every request goes through TwinMCP's own aiohttp
-session, so the URL policy applies to each document and endpoint an upstream names; the protocol
-rules come from the ``mcp`` SDK's models and helpers."""
+"""OAuth 2.1 for upstream MCP servers (the MCP authorization spec): discovery (``discovery.py``)
+and the token-endpoint calls (``client.py``); what uses them follows (docs/plans/oauth-upstreams.md).
+Every request goes through TwinMCP's own aiohttp session, so the URL policy applies to each
+document and endpoint an upstream names; the protocol rules come from the ``mcp`` SDK's models and
+helpers."""
+
+from __future__ import annotations
+
+import aiohttp
+
+
+async def read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, read until it ends or passes ``limit`` (then ``limit + 1`` bytes: the caller refuses
+    it). ``content.read(n)`` alone returns whatever happens to be buffered."""
+    body = b""
+    while len(body) <= limit:
+        more = await response.content.read(limit + 1 - len(body))
+        if not more:
+            break
+        body += more
+    return body

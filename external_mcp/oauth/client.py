@@ -24,6 +24,7 @@ from mcp.shared.auth import OAuthClientInformationFull, OAuthClientMetadata, OAu
 from pydantic import ValidationError
 
 from external_mcp import urlpolicy
+from external_mcp.oauth import read_capped
 
 MAX_ANSWER_BYTES = 64 * 1024
 TIMEOUT = aiohttp.ClientTimeout(total=15, sock_connect=5)
@@ -160,12 +161,7 @@ async def _post(session: aiohttp.ClientSession, url: str, *, data: bytes,
         urlpolicy.validate_url(url, resolve=False)
         async with session.post(url, data=data, headers=headers, allow_redirects=False,
                                 timeout=TIMEOUT) as response:
-            body = await response.content.read(MAX_ANSWER_BYTES + 1)
-            while len(body) <= MAX_ANSWER_BYTES:
-                more = await response.content.read(MAX_ANSWER_BYTES + 1 - len(body))
-                if not more:
-                    break
-                body += more
+            body = await read_capped(response, MAX_ANSWER_BYTES)
             status = response.status
     except urlpolicy.UrlPolicyError as exc:
         raise TokenRefused(f"{url} is refused by the URL policy ({exc}).", permanent=True) from None

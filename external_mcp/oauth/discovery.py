@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -22,10 +23,12 @@ from mcp.client.auth.utils import (
 )
 from mcp.shared.auth import OAuthMetadata, ProtectedResourceMetadata
 from mcp.shared.auth_utils import check_resource_allowed, resource_url_from_server_url
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from external_mcp import urlpolicy
+from external_mcp.oauth import read_capped
 
+Model = TypeVar("Model", bound=BaseModel)
 MAX_DOCUMENT_BYTES = 64 * 1024
 TIMEOUT = aiohttp.ClientTimeout(total=10, sock_connect=5)
 PROBE = {"jsonrpc": "2.0", "id": "twinmcp-oauth-probe", "method": "initialize", "params": {
@@ -50,17 +53,9 @@ async def discover(session: aiohttp.ClientSession, server_url: str) -> Discovere
     """The authorization server of the MCP server at ``server_url``, from an unauthenticated probe."""
     challenge = await _challenge(session, server_url)
     metadata_url = extract_resource_metadata_from_www_auth(challenge)
-    resource_metadata = None
-    for url in build_protected_resource_metadata_discovery_urls(metadata_url, server_url):
-        document = await _document(session, url)
-        if document is None:
-            continue
-        try:
-            resource_metadata = ProtectedResourceMetadata.model_validate_json(document)
-        except ValidationError:
-            raise DiscoveryError(f"The protected-resource metadata at {url} is not valid (RFC 9728).") from None
-        break
-    if resource_metadata is None:
+    found = await _first(session, build_protected_resource_metadata_discovery_urls(metadata_url, server_url),
+                         ProtectedResourceMetadata, "protected-resource metadata (RFC 9728)")
+    if found is None:
         # A 2025-03-26 server publishes no RFC 9728 document: its own origin is its authorization server.
         origin = "{0.scheme}://{0.netloc}".format(urlsplit(server_url))
         metadata = await _server_metadata(session, None, server_url, expected=origin)
@@ -68,6 +63,7 @@ async def discover(session: aiohttp.ClientSession, server_url: str) -> Discovere
                           metadata=metadata, scope=get_client_metadata_scopes(
                               extract_scope_from_www_auth(challenge), None, metadata,
                               ["authorization_code", "refresh_token"]))
+    resource_metadata = found[1]
     resource = str(resource_metadata.resource)
     if not check_resource_allowed(resource_url_from_server_url(server_url), resource):
         raise DiscoveryError(f"The server's metadata names the resource {resource}, which is not the server's URL "
@@ -97,19 +93,30 @@ async def _challenge(session: aiohttp.ClientSession, server_url: str) -> httpx2.
 
 async def _server_metadata(session: aiohttp.ClientSession, issuer: str | None, server_url: str, *,
                            expected: str) -> OAuthMetadata:
-    for url in build_oauth_authorization_server_metadata_discovery_urls(issuer, server_url):
+    found = await _first(session, build_oauth_authorization_server_metadata_discovery_urls(issuer, server_url),
+                         OAuthMetadata, "authorization-server metadata (RFC 8414)")
+    if found is None:
+        raise DiscoveryError(f"The authorization server {expected} publishes no metadata (RFC 8414 or OpenID "
+                             "discovery).")
+    url, metadata = found
+    if not issuers_match(str(metadata.issuer), expected):
+        raise DiscoveryError(f"The authorization-server metadata at {url} names the issuer {metadata.issuer}, "
+                             f"not {expected}: refused (RFC 8414 §3.3).")
+    return metadata
+
+
+async def _first(session: aiohttp.ClientSession, urls: list[str], model: type[Model],
+                 what: str) -> tuple[str, Model] | None:
+    """The first document served at ``urls``, validated; None when none is."""
+    for url in urls:
         document = await _document(session, url)
         if document is None:
             continue
         try:
-            metadata = OAuthMetadata.model_validate_json(document)
+            return url, model.model_validate_json(document)
         except ValidationError:
-            raise DiscoveryError(f"The authorization-server metadata at {url} is not valid (RFC 8414).") from None
-        if not issuers_match(str(metadata.issuer), expected):
-            raise DiscoveryError(f"The authorization-server metadata at {url} names the issuer {metadata.issuer}, "
-                                 f"not {expected}: refused (RFC 8414 §3.3).")
-        return metadata
-    raise DiscoveryError(f"The authorization server {expected} publishes no metadata (RFC 8414 or OpenID discovery).")
+            raise DiscoveryError(f"The {what} at {url} is not valid.") from None
+    return None
 
 
 async def _document(session: aiohttp.ClientSession, url: str) -> bytes | None:
@@ -120,12 +127,7 @@ async def _document(session: aiohttp.ClientSession, url: str) -> bytes | None:
                                timeout=TIMEOUT) as response:
             if response.status != 200:
                 return None
-            body = await response.content.read(MAX_DOCUMENT_BYTES + 1)
-            while len(body) <= MAX_DOCUMENT_BYTES:
-                more = await response.content.read(MAX_DOCUMENT_BYTES + 1 - len(body))
-                if not more:
-                    break
-                body += more
+            body = await read_capped(response, MAX_DOCUMENT_BYTES)
     except urlpolicy.UrlPolicyError as exc:
         raise DiscoveryError(f"{url} is refused by the URL policy ({exc}).") from None
     except (aiohttp.ClientError, TimeoutError) as exc:
