@@ -1,6 +1,7 @@
 """How TwinMCP authenticates to an upstream: one small class per ``auth_type``.
 
-Adding OAuth later is one more class registered in ``SCHEMES``. SSL contexts are costly to
+A scheme whose token is obtained over the network (OAuth) gives it per request
+(``request_headers``); the others' headers are computed once per credential. SSL contexts are costly to
 build (ContextForge rebuilt them per call), so they are cached per credential fingerprint.
 """
 
@@ -14,7 +15,10 @@ import threading
 from collections import OrderedDict
 from typing import ClassVar
 
+import aiohttp
+
 from external_mcp.choices import AuthType
+from external_mcp.oauth import tokens
 
 
 class AuthScheme:
@@ -24,8 +28,16 @@ class AuthScheme:
         self.payload = payload or {}
         self.cache_key = cache_key
 
+    fetches_token: ClassVar[bool] = False
+    """Its header carries a token obtained over the network (``request_headers``), not a stored one."""
+
     def headers(self) -> dict[str, str]:
         return {}
+
+    async def request_headers(self, session: aiohttp.ClientSession, base_url: str, *,
+                              fresh: bool = False) -> dict[str, str]:
+        """The headers of one request; ``fresh``: the upstream refused the token it was sent."""
+        return self.headers()
 
     def ssl_context(self) -> ssl.SSLContext:
         return default_ssl_context()
@@ -57,6 +69,17 @@ class BearerAuth(AuthScheme):
         return {"Authorization": f"Bearer {self.payload['token']}"}
 
 
+class OAuthClientCredentialsAuth(AuthScheme):
+    auth_type = AuthType.OAUTH2_CLIENT_CREDENTIALS
+    fetches_token = True
+
+    async def request_headers(self, session: aiohttp.ClientSession, base_url: str, *,
+                              fresh: bool = False) -> dict[str, str]:
+        token = await tokens.access_token(self.payload, base_url=base_url, cache_key=self.cache_key,
+                                          session=session, fresh=fresh)
+        return {"Authorization": f"Bearer {token}"}
+
+
 class MtlsAuth(AuthScheme):
     auth_type = AuthType.MTLS
 
@@ -83,7 +106,8 @@ class MtlsAuth(AuthScheme):
 
 
 SCHEMES: dict[str, type[AuthScheme]] = {
-    scheme.auth_type: scheme for scheme in (NoAuth, ApiKeyAuth, BasicAuth, BearerAuth, MtlsAuth)
+    scheme.auth_type: scheme
+    for scheme in (NoAuth, ApiKeyAuth, BasicAuth, BearerAuth, MtlsAuth, OAuthClientCredentialsAuth)
 }
 
 

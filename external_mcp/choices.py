@@ -42,6 +42,7 @@ class AuthType(models.TextChoices):
     BEARER = "bearer", "Bearer token"
     MTLS = "mtls", "Client certificate (mTLS)"
     OAUTH2 = "oauth2", "OAuth 2.0 (reserved)"
+    OAUTH2_CLIENT_CREDENTIALS = "oauth2_client_credentials", "OAuth 2.0 client credentials"
 
 
 SUPPORTED_AUTH_TYPES = [t for t in AuthType.values if t != AuthType.OAUTH2]

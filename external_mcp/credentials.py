@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from django.core.exceptions import ValidationError
 from django.utils import timezone
 
+from external_mcp import urlpolicy
 from external_mcp.choices import AuthType
 
 MAX_PEM_BYTES = 64 * 1024
@@ -32,6 +33,7 @@ FIELDS: dict[str, dict[str, bool]] = {
     AuthType.BASIC: {"username": True, "password": True},
     AuthType.BEARER: {"token": True},
     AuthType.MTLS: {"client_cert_pem": True, "client_key_pem": True, "ca_bundle_pem": False},
+    AuthType.OAUTH2_CLIENT_CREDENTIALS: {"client_id": True, "client_secret": True, "token_url": False, "scope": False},
 }
 
 
@@ -95,6 +97,11 @@ def _check_header_values(auth_type: str, clean: CleanCredentials) -> None:
             clean.errors["credentials.header"] = [f"{header} is reserved by the MCP transport; choose another."]
     if auth_type == AuthType.BASIC and ":" in payload.get("username", ""):
         clean.errors["credentials.username"] = ["Must not contain ':'."]
+    if "token_url" in payload:
+        try:
+            payload["token_url"] = urlpolicy.validate_url(payload["token_url"], resolve=False).url
+        except urlpolicy.UrlPolicyError as exc:
+            clean.errors["credentials.token_url"] = [str(exc)]
     for name, value in payload.items():
         if name == "header":
             continue

@@ -189,12 +189,27 @@ class MtlsCredentialsForm(CredentialsForm):
                                  widget=forms.ClearableFileInput(attrs={"accept": ".pem,.crt"}))
 
 
+class OAuthClientCredentialsForm(CredentialsForm):
+    auth_type = AuthType.OAUTH2_CLIENT_CREDENTIALS
+
+    client_id = forms.CharField(label="Client ID", required=False, max_length=1000,
+                                widget=WriteOnlyTextInput(attrs={"autocomplete": "off", "spellcheck": "false"}))
+    client_secret = _secret("Client secret")
+    token_url = forms.CharField(label="Token URL (optional)", required=False, max_length=2048,
+                                help_text="Left empty, TwinMCP finds it from the server (RFC 9728, then RFC 8414).",
+                                widget=WriteOnlyTextInput(attrs={"autocomplete": "off", "spellcheck": "false"}))
+    scope = forms.CharField(label="Scopes (optional)", required=False, max_length=1000,
+                            help_text="Space-separated, as the authorization server names them.",
+                            widget=WriteOnlyTextInput(attrs={"autocomplete": "off", "spellcheck": "false"}))
+
+
 CREDENTIAL_FORMS: dict[str, type[CredentialsForm]] = {
     AuthType.NONE: NoCredentialsForm,
     AuthType.API_KEY: ApiKeyCredentialsForm,
     AuthType.BASIC: BasicCredentialsForm,
     AuthType.BEARER: BearerCredentialsForm,
     AuthType.MTLS: MtlsCredentialsForm,
+    AuthType.OAUTH2_CLIENT_CREDENTIALS: OAuthClientCredentialsForm,
 }
 
 

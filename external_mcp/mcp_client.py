@@ -25,6 +25,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 
 from external_mcp import sse, urlpolicy
 from external_mcp.auth_schemes import AuthScheme
+from external_mcp.oauth.tokens import TokenUnavailable
 from external_mcp.storable import display_text
 
 logger = logging.getLogger(__name__)
@@ -144,6 +145,8 @@ class McpProbe:
         try:
             async with asyncio.timeout(self.timeouts.total):
                 urlpolicy.validate_url(self.url, resolve=False)
+                if self.scheme.fetches_token:
+                    await self._step("token", self._token)
                 await self._step("discovery", self._discover_card)
                 await self._step("handshake", self._handshake)
                 await self._step("tools", self._list_tools)
@@ -166,6 +169,12 @@ class McpProbe:
                 await self._step("close", self._close_session)
             self.result.total_ms = round((time.perf_counter() - started) * 1000, 1)
         return self.result
+
+    async def _token(self) -> None:
+        try:
+            self.auth_headers = {**self.auth_headers, **await self.scheme.request_headers(self.session, self.url)}
+        except TokenUnavailable as exc:
+            raise CheckError("auth", str(exc)) from None
 
     async def _step(self, name: str, func: Any) -> None:
         started = time.perf_counter()

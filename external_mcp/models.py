@@ -85,7 +85,7 @@ class ExternalMcpServer(models.Model):
                               "meet: <prefix>__<tool> (external_mcp.exposed_names).")
     base_url = models.URLField(max_length=2048)
     transport = models.CharField(max_length=32, choices=Transport.choices, default=Transport.STREAMABLE_HTTP)
-    auth_type = models.CharField(max_length=16, choices=AuthType.choices, default=AuthType.NONE)
+    auth_type = models.CharField(max_length=32, choices=AuthType.choices, default=AuthType.NONE)
     status = models.CharField(max_length=16, choices=ServerStatus.choices, default=ServerStatus.NEW)
     error_message = models.TextField(blank=True, default="")
     enabled = models.BooleanField(default=True)

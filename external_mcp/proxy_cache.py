@@ -19,7 +19,7 @@ from django.conf import settings
 from django.db import close_old_connections
 
 from external_mcp import tool_names
-from external_mcp.auth_schemes import build_scheme
+from external_mcp.auth_schemes import AuthScheme, build_scheme
 from external_mcp.catalog import canonical_definition, definition_hash
 from external_mcp.choices import ServerStatus, ToolState
 from external_mcp.models import ExternalMcpServer, ExternalMcpTool
@@ -56,6 +56,8 @@ class ServerInfo:
     credential_error: str = ""
     tool_states: dict[str, str] = field(default_factory=dict)
     approved_hashes: dict[str, str] = field(default_factory=dict)
+    token_scheme: AuthScheme | None = None
+    """Set when each request's credentials carry a token obtained over the network (OAuth)."""
 
     @property
     def disabled(self) -> bool:
@@ -173,6 +175,7 @@ def _load_server(server_id: Any, user_id: int, workspace_id: Any) -> ServerInfo 
         return None  # unknown, or another workspace's: nothing of it is loaded, nothing decrypted
     flag_on = _flag_on(user_id, server.workspace_id)
     headers: dict[str, str] = {}
+    token_scheme: AuthScheme | None = None
     context: ssl.SSLContext | bool = False
     error = ""
     try:
@@ -180,6 +183,7 @@ def _load_server(server_id: Any, user_id: int, workspace_id: Any) -> ServerInfo 
         fingerprint = server.credential.fingerprint if server.has_credentials else ""
         scheme = build_scheme(server.auth_type, payload, cache_key=f"{server.pk}:{fingerprint}")
         headers = scheme.headers()
+        token_scheme = scheme if scheme.fetches_token else None
         if server.base_url.startswith("https:"):
             context = scheme.ssl_context()
     except (CredentialUnavailable, ValueError, ssl.SSLError) as exc:
@@ -188,7 +192,7 @@ def _load_server(server_id: Any, user_id: int, workspace_id: Any) -> ServerInfo 
     return ServerInfo(id=server.pk, workspace_id=server.workspace_id, name=server.name, base_url=server.base_url,
                       enabled=server.enabled, status=server.status, flag_on=flag_on, auth_headers=headers,
                       ssl=context, credential_error=error, tool_states={name: state for name, state, _ in tools},
-                      approved_hashes={name: digest for name, _, digest in tools if digest})
+                      approved_hashes={name: digest for name, _, digest in tools if digest}, token_scheme=token_scheme)
 
 
 async def get_server(server_id: Any, key: KeyInfo) -> ServerInfo | None:

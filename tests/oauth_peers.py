@@ -7,7 +7,8 @@ the ``mcp`` SDK's own auth pieces (``mcp.server.auth``), for the tests of OAuth 
   ``WWW-Authenticate: Bearer … resource_metadata=…`` without a valid token, the token's audience
   checked (RFC 8707);
 - protected-resource metadata (RFC 9728) and authorization-server metadata (RFC 8414);
-- ``/register`` (dynamic client registration, RFC 7591), ``/authorize`` (PKCE S256; consent is
+- ``/register`` (dynamic client registration, RFC 7591), the client-credentials grant for
+  clients registered by hand, ``/authorize`` (PKCE S256; consent is
   automated: it approves at once for ``peer.subject`` and redirects with ``code``, ``state`` and
   ``iss``, RFC 9207), ``/token`` (authorization code, refresh with rotation: a refresh token works
   once, a second use is ``invalid_grant``) and ``/revoke`` (RFC 7009).
@@ -20,12 +21,14 @@ they arrived on the wire (answered or refused); ``peer.provider.revoked`` what w
 
 from __future__ import annotations
 
+import base64
+import json
 import secrets
 import threading
 import time
 from collections import Counter
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote
 
 from mcp.server.auth.provider import (
     AccessToken,
@@ -40,7 +43,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.shared.auth import OAuthClientInformationFull, OAuthToken
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tests.mcp_peers import RunningPeer, _read_body, _replaying, _streamable_app
+from tests.mcp_peers import RunningPeer, _read_body, _replaying, _send_simple, _streamable_app
 
 SCOPE = "mcp"
 
@@ -79,10 +82,15 @@ class MemoryProvider:
     async def load_authorization_code(self, client: OAuthClientInformationFull, code: str) -> AuthorizationCode | None:
         return self.codes.get(code)
 
-    def _issue(self, client_id: str, scopes: list[str], resource: str | None, subject: str | None) -> OAuthToken:
-        access, refresh = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    def issue_access(self, client_id: str, scopes: list[str], resource: str | None,
+                     subject: str | None = None) -> str:
+        access = secrets.token_urlsafe(24)
         self.access[access] = AccessToken(token=access, client_id=client_id, scopes=scopes, resource=resource,
                                           expires_at=int(time.time()) + self.access_ttl, subject=subject)
+        return access
+
+    def _issue(self, client_id: str, scopes: list[str], resource: str | None, subject: str | None) -> OAuthToken:
+        access, refresh = self.issue_access(client_id, scopes, resource, subject), secrets.token_urlsafe(24)
         self.refresh[refresh] = RefreshToken(token=refresh, client_id=client_id, scopes=scopes, resource=resource,
                                              subject=subject)
         return OAuthToken(access_token=access, expires_in=self.access_ttl, refresh_token=refresh,
@@ -121,21 +129,39 @@ class MemoryProvider:
             self.access[token] = access.model_copy(update={"expires_at": 0})
 
 
-class _CountingTokens:
-    """Counts each POST to ``/token`` by its ``grant_type`` before the server reads it."""
+class _TokenEndpoint:
+    """Counts each POST to ``/token`` by its ``grant_type`` before the server reads it, and answers
+    the client-credentials grant, which the SDK's token handler does not know (RFC 6749 §4.4: the
+    client authenticates, Basic or in the body, and gets an access token without a refresh token)."""
 
-    def __init__(self, app: ASGIApp, counts: Counter[str]) -> None:
+    def __init__(self, app: ASGIApp, counts: Counter[str], provider: MemoryProvider) -> None:
         self.app = app
         self.counts = counts
+        self.provider = provider
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/token":
             await self.app(scope, receive, send)
             return
         body = await _read_body(receive)
-        grant = parse_qs(body.decode("latin-1")).get("grant_type", [""])[0]
+        form = {k: v[0] for k, v in parse_qs(body.decode("latin-1")).items()}
+        grant = form.get("grant_type", "")
         self.counts[grant] += 1
-        await self.app(scope, _replaying(body, receive), send)
+        if grant != "client_credentials":
+            await self.app(scope, _replaying(body, receive), send)
+            return
+        client_id, secret = form.get("client_id"), form.get("client_secret")
+        basic = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        if basic.startswith("Basic "):
+            client_id, _, secret = base64.b64decode(basic[6:]).decode().partition(":")
+            client_id, secret = unquote(client_id), unquote(secret)
+        client = self.provider.clients.get(client_id or "")
+        if client is None or client.client_secret != secret:
+            await _send_simple(send, 401, json.dumps({"error": "invalid_client"}).encode(), "application/json")
+            return
+        token = self.provider.issue_access(client.client_id, [SCOPE], form.get("resource"))
+        answer = {"access_token": token, "token_type": "Bearer", "expires_in": self.provider.access_ttl}
+        await _send_simple(send, 200, json.dumps(answer).encode(), "application/json")
 
 
 class OAuthPeer(RunningPeer):
@@ -171,7 +197,8 @@ class OAuthPeer(RunningPeer):
         def echo(text: str) -> str:
             return text
 
-        return _CountingTokens(_streamable_app(server, json_response=True, stateless=True), self.token_requests)
+        return _TokenEndpoint(_streamable_app(server, json_response=True, stateless=True), self.token_requests,
+                              self.provider)
 
     @property
     def issuer(self) -> str:

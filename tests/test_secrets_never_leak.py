@@ -22,6 +22,7 @@ def canary_payloads() -> dict[str, dict[str, str]]:
         "api_key": {"header": "X-Api-Key", "value": CANARY},
         "basic": {"username": "svc", "password": CANARY},
         "bearer": {"token": CANARY},
+        "oauth2_client_credentials": {"client_id": "twinmcp", "client_secret": CANARY},
         "mtls": {
             "client_cert_pem": leaf.cert_chain_pems[0].bytes().decode(),
             "client_key_pem": leaf.private_key_pem.bytes().decode(),
@@ -36,7 +37,7 @@ def secret_markers(auth_type: str, payload: dict[str, str]) -> list[str]:
     return [CANARY]
 
 
-@pytest.mark.parametrize("auth_type", ["api_key", "basic", "bearer", "mtls"])
+@pytest.mark.parametrize("auth_type", ["api_key", "basic", "bearer", "mtls", "oauth2_client_credentials"])
 def test_canary_never_leaks(admin, flag_on, admin_client, caplog, auth_type):
     caplog.set_level(logging.DEBUG)
     payload = canary_payloads()[auth_type]

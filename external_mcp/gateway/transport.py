@@ -14,6 +14,8 @@ from external_mcp import urlpolicy
 from external_mcp.gateway.call import Call
 from external_mcp.gateway.errors import connection_failed, timed_out, too_large, truncated, upstream_error
 from external_mcp.mcp_client import PolicyResolver
+from external_mcp.oauth.tokens import TokenUnavailable
+from external_mcp.proxy_cache import ServerInfo
 
 FORWARD_HEADERS = {
     b"accept", b"content-type", b"mcp-session-id", b"mcp-protocol-version", b"last-event-id", b"mcp-method",
@@ -55,6 +57,17 @@ def upstream_headers(headers: dict[bytes, bytes], call: Call) -> dict[str, str]:
     return out
 
 
+async def token_headers(server: ServerInfo, *, fresh: bool = False) -> dict[str, str]:
+    """The headers carrying a token obtained for this request's server, if its scheme needs one."""
+    if server.token_scheme is None:
+        return {}
+    try:
+        return await server.token_scheme.request_headers(upstream_session(), server.base_url, fresh=fresh)
+    except TokenUnavailable as exc:
+        raise upstream_error(server, 502, -32025, f"TwinMCP could not obtain an access token ({exc}); a workspace "
+                             "admin must check the server's OAuth credentials.", "credentials") from None
+
+
 async def send(call: Call, headers: dict[bytes, bytes]) -> aiohttp.ClientResponse:
     """The upstream's response (its status and headers; the body is read by the relay)."""
     server = call.server
@@ -67,13 +80,20 @@ async def send(call: Call, headers: dict[bytes, bytes]) -> aiohttp.ClientRespons
         timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(10.0, timeout_s))
     request_headers = upstream_headers(headers, call)
     session = upstream_session()
-    retried = False
+    request_headers.update(await token_headers(server))
+    retried = renewed = False
     while True:
         try:
-            return await session.request(
+            response = await session.request(
                 call.method, server.base_url, data=call.body or None, headers=request_headers,
                 ssl=server.ssl, allow_redirects=False, timeout=timeout,
             )
+            if response.status == 401 and server.token_scheme is not None and not renewed:
+                response.release()  # the token was revoked or expired early: one new token, one new try
+                renewed = True
+                request_headers.update(await token_headers(server, fresh=True))
+                continue
+            return response
         except aiohttp.ClientConnectorDNSError:
             raise upstream_error(server, 502, -32010, "the upstream host name does not resolve.", "dns") from None
         except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as exc:

@@ -129,7 +129,7 @@ async def open_session(call: Call, agent: Agent, server: ServerInfo) -> Upstream
     initialize = {"jsonrpc": "2.0", "id": "twinmcp-initialize", "method": "initialize",
                   "params": {"protocolVersion": version, "capabilities": capabilities, "clientInfo": CLIENT_INFO}}
     headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json",
-               **server.auth_headers, "X-Request-Id": call.request_id}
+               **server.auth_headers, **await transport.token_headers(server), "X-Request-Id": call.request_id}
     result, session_id = await _exchange(server, dumps(initialize), headers, "twinmcp-initialize")
     negotiated = result.get("protocolVersion") if isinstance(result, dict) else None
     if not isinstance(negotiated, str) or negotiated not in HANDSHAKE_PROTOCOL_VERSIONS:
@@ -147,13 +147,14 @@ async def close_session(server: ServerInfo, upstream: Upstream) -> None:
     """Ends one upstream session; failures are only logged (the server idles it out anyway)."""
     if not upstream.session_id:
         return
-    headers = {**server.auth_headers, "Mcp-Session-Id": upstream.session_id, "MCP-Protocol-Version": upstream.version}
     try:
+        headers = {**server.auth_headers, **await transport.token_headers(server),
+                   "Mcp-Session-Id": upstream.session_id, "MCP-Protocol-Version": upstream.version}
         async with transport.upstream_session().delete(
                 server.base_url, headers=headers, ssl=server.ssl, allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=5)) as response:
             await response.read()
-    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+    except (aiohttp.ClientError, TimeoutError, OSError, ProxyError) as exc:
         logger.info("upstream session at %s not closed: %s", server.id, exc)
 
 

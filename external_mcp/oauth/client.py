@@ -86,7 +86,7 @@ async def register(session: aiohttp.ClientSession, metadata: OAuthMetadata, *, r
 async def exchange_code(session: aiohttp.ClientSession, metadata: OAuthMetadata,
                         client: OAuthClientInformationFull, *, code: str, verifier: str, redirect_uri: str,
                         resource: str) -> Tokens:
-    return await _token(session, metadata, client, {
+    return await _token(session, str(metadata.token_endpoint), client, {
         "grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri, "code_verifier": verifier,
         "resource": resource})
 
@@ -94,19 +94,20 @@ async def exchange_code(session: aiohttp.ClientSession, metadata: OAuthMetadata,
 async def refresh(session: aiohttp.ClientSession, metadata: OAuthMetadata, client: OAuthClientInformationFull, *,
                   refresh_token: str, resource: str) -> Tokens:
     """New tokens; the refresh token is kept when the server sends no new one (RFC 6749 §6)."""
-    tokens = await _token(session, metadata, client, {"grant_type": "refresh_token", "refresh_token": refresh_token,
-                                                       "resource": resource})
+    tokens = await _token(session, str(metadata.token_endpoint), client, {
+        "grant_type": "refresh_token", "refresh_token": refresh_token, "resource": resource})
     if tokens.refresh_token is None:
         return Tokens(tokens.access_token, refresh_token, tokens.expires_at, tokens.scope)
     return tokens
 
 
-async def client_credentials(session: aiohttp.ClientSession, metadata: OAuthMetadata,
+async def client_credentials(session: aiohttp.ClientSession, token_endpoint: str,
                              client: OAuthClientInformationFull, *, resource: str, scope: str | None) -> Tokens:
+    """A token for TwinMCP itself (machine to machine): nothing to refresh, a new grant when it ends."""
     data = {"grant_type": "client_credentials", "resource": resource}
     if scope:
         data["scope"] = scope
-    return await _token(session, metadata, client, data)
+    return await _token(session, token_endpoint, client, data)
 
 
 async def revoke(session: aiohttp.ClientSession, metadata: OAuthMetadata, client: OAuthClientInformationFull, *,
@@ -123,10 +124,10 @@ async def revoke(session: aiohttp.ClientSession, metadata: OAuthMetadata, client
     return True
 
 
-async def _token(session: aiohttp.ClientSession, metadata: OAuthMetadata, client: OAuthClientInformationFull,
+async def _token(session: aiohttp.ClientSession, token_endpoint: str, client: OAuthClientInformationFull,
                  data: dict[str, str]) -> Tokens:
     form, headers = _client_auth(client, data)
-    status, body = await _post(session, str(metadata.token_endpoint), data=urlencode(form).encode(), headers=headers)
+    status, body = await _post(session, token_endpoint, data=urlencode(form).encode(), headers=headers)
     if status != 200:
         raise _refusal("token", status, body)
     try:
