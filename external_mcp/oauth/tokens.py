@@ -1,7 +1,8 @@
 """Access tokens TwinMCP obtains for itself with the client-credentials grant, kept in process
 memory per server and credential: a machine's token rotates nothing, so each gateway process may
 hold its own, and none is ever stored. One request per process fetches it (the others wait for it),
-again a minute before it ends, and at once when the upstream refuses it."""
+again before it ends (a minute before, or a tenth of its life for a short one), and at once when
+the upstream refuses it."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from external_mcp.oauth.discovery import DiscoveryError, discover
 EARLY_SECONDS = 60
 
 _tokens: dict[str, tuple[str, float | None]] = {}
+"""cache key -> (token, when to ask for the next one)."""
 _inflight: dict[tuple[int, str], asyncio.Future[tuple[str, float | None]]] = {}
 
 
@@ -29,7 +31,7 @@ async def access_token(payload: dict[str, str], *, base_url: str, cache_key: str
                        fresh: bool = False) -> str:
     """A token for the server at ``base_url``; ``fresh`` when the upstream refused the last one."""
     held = _tokens.get(cache_key)
-    if held is not None and not fresh and (held[1] is None or held[1] - EARLY_SECONDS > time.time()):
+    if held is not None and not fresh and (held[1] is None or held[1] > time.time()):
         return held[0]
     slot = (id(asyncio.get_running_loop()), cache_key)
     pending = _inflight.get(slot)
@@ -56,4 +58,7 @@ async def _fetch(payload: dict[str, str], base_url: str, session: aiohttp.Client
                                                 scope=payload.get("scope") or None)
     except oauth.TokenRefused as exc:
         raise TokenUnavailable(f"The authorization server gave no token: {exc}") from None
-    return tokens.access_token, tokens.expires_at
+    if tokens.expires_at is None:
+        return tokens.access_token, None
+    lifetime = tokens.expires_at - time.time()
+    return tokens.access_token, tokens.expires_at - min(EARLY_SECONDS, lifetime / 10)
