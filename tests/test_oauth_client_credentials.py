@@ -99,3 +99,31 @@ def test_a_token_url_outside_the_url_policy_is_refused(admin):
                                base_url="https://93.184.215.14/mcp", auth_type="oauth2_client_credentials",
                                credentials={"client_id": "c", "client_secret": "s", "token_url": "http://10.0.0.1/t"})
     assert set(refused.value.message_dict) == {"credentials.token_url"}
+
+
+def test_a_short_lived_machine_token_is_reused_until_shortly_before_it_ends(settings):
+    import time_machine
+
+    from external_mcp.mcp_client import new_session
+    from external_mcp.oauth import tokens
+
+    settings.EXTERNAL_MCP_ALLOWED_PROTOCOLS = ["https", "http"]
+    settings.EXTERNAL_MCP_ALLOWED_NETWORKS = ["127.0.0.1/32"]
+    with oauth_peer(access_ttl=30) as peer:
+        client = peer.register_client(REDIRECT)
+        payload = {"client_id": client.client_id, "client_secret": client.client_secret,
+                   "token_url": f"{peer.base}/token"}
+
+        async def token() -> str:
+            async with new_session() as session:
+                return await tokens.access_token(payload, base_url=peer.url, cache_key="short", session=session)
+
+        with time_machine.travel(1_900_000_000, tick=False) as clock:
+            first, again = asyncio.run(token()), asyncio.run(token())
+            clock.shift(26)
+            still = asyncio.run(token())
+            clock.shift(2)  # past 30 s minus a tenth of 30 s
+            renewed = asyncio.run(token())
+        grants = peer.token_requests["client_credentials"]
+    assert first == again == still != renewed
+    assert grants == 2
