@@ -171,8 +171,11 @@ class McpProbe:
         return self.result
 
     async def _token(self) -> None:
+        """A new token at every check: the check proves the credentials work now, not that a token
+        obtained earlier has not expired yet (the gateway then uses the same one)."""
         try:
-            self.auth_headers = {**self.auth_headers, **await self.scheme.request_headers(self.session, self.url)}
+            self.auth_headers = {**self.auth_headers,
+                                 **await self.scheme.request_headers(self.session, self.url, fresh=True)}
         except TokenUnavailable as exc:
             raise CheckError("auth", str(exc)) from None
 
