@@ -4,24 +4,28 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.db.models import Prefetch, QuerySet
+from django.db.models import Prefetch, Q, QuerySet
 from django.http import Http404
 from django.utils import timezone
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status
-from rest_framework.exceptions import PermissionDenied
+from rest_framework.exceptions import PermissionDenied, ValidationError
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from external_mcp import catalog, health, services, toolsets
-from external_mcp.choices import ServerStatus, ToolState
-from external_mcp.models import ExternalMcpServer, ExternalMcpTool, Toolset
+from external_mcp import catalog, connections, health, services, toolsets
+from external_mcp.choices import AuthType, ServerStatus, ToolState
+from external_mcp.models import Connection, ExternalMcpServer, ExternalMcpTool, Toolset
+from external_mcp.oauth import flow
 from external_mcp.serializers import (
+    AuthorizationUrlSerializer,
     ChecksSerializer,
+    ConnectionSerializer,
     CredentialsRotateSerializer,
     HealthCheckSerializer,
+    OwnConnectionSerializer,
     ServerFilterSerializer,
     ServerSerializer,
     ServerUpdateSerializer,
@@ -137,6 +141,75 @@ class ServerCredentials(ExternalMcpView):
             expires_at=form.validated_data.get("expires_at"),
         )
         return Response(ServerSerializer(self.get_server(server_id)).data)
+
+
+class ServerOAuthStart(ExternalMcpView):
+    """Start connecting an account (oauth2): the workspace's (admins) or, with per-user credentials,
+    the caller's own. Needs a browser session: the callback comes back to the signed-in user."""
+
+    @extend_schema(request=None, responses={200: AuthorizationUrlSerializer})
+    def post(self, request: Request, server_id: Any) -> Response:
+        server = self.get_server(server_id)
+        try:
+            url = flow.authorization_start(server=server, user=request.user)
+        except flow.AuthorizationFailed as exc:
+            return Response({"detail": str(exc), "field": exc.field}, status=exc.status)
+        return Response({"authorization_url": url})
+
+
+class ServerConnections(ExternalMcpView):
+    """Who is connected to a server: admins see every connection, members their own and the
+    workspace's; never a token."""
+
+    @extend_schema(responses=ConnectionSerializer(many=True))
+    def get(self, request: Request, server_id: Any) -> Response:
+        server = self.get_server(server_id)
+        rows = server.connections.select_related("user", "connected_by").order_by("connected_at")
+        if not connections.is_admin(server=server, user=request.user):
+            rows = rows.filter(Q(user=request.user) | Q(user__isnull=True))
+        return Response(ConnectionSerializer(rows, many=True).data)
+
+
+class ServerOwnConnection(ExternalMcpView):
+    """The caller's own connection to a per-user server: enter a secret (PUT) or disconnect (DELETE).
+    DELETE on a shared server disconnects the workspace's account (admins)."""
+
+    @extend_schema(request=OwnConnectionSerializer, responses=ConnectionSerializer)
+    def put(self, request: Request, server_id: Any) -> Response:
+        server = self.get_server(server_id)
+        if not server.per_user or server.auth_type == AuthType.OAUTH2:
+            raise ValidationError({"credentials": ["This server takes no secret per member"
+                                                   + (": connect with oauth/start/." if server.per_user else ".")]})
+        form = OwnConnectionSerializer(data=request.data)
+        form.is_valid(raise_exception=True)
+        row = connections.connection_save_secret(server=server, user=request.user,
+                                                 credentials=form.validated_data["credentials"])
+        return Response(ConnectionSerializer(row).data)
+
+    @extend_schema(responses={204: None})
+    def delete(self, request: Request, server_id: Any) -> Response:
+        server = self.get_server(server_id)
+        if not server.per_user:
+            self.require_admin(server)
+        row = Connection.objects.used_by(server, request.user.pk).first()
+        if row is None:
+            raise Http404
+        connections.connection_delete(connection=row, actor=request.user)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class ServerConnectionDetail(ExternalMcpView):
+    """An admin disconnects any connection of the server (a member who left, a leaked device)."""
+
+    @extend_schema(responses={204: None})
+    def delete(self, request: Request, server_id: Any, connection_id: Any) -> Response:
+        server = self.get_server(server_id)
+        self.require_admin(server)
+        row = server.connections.filter(pk=connection_id).first()
+        if row is None:
+            raise Http404
+        connections.connection_delete(connection=row, actor=request.user)
+        return Response(status=status.HTTP_204_NO_CONTENT)
 
 
 class ServerTest(ExternalMcpView):

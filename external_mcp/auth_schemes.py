@@ -13,12 +13,13 @@ import ssl
 import tempfile
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import ClassVar
 
 import aiohttp
 
 from external_mcp.choices import AuthType
-from external_mcp.oauth import tokens
+from external_mcp.oauth import grants, tokens
 
 
 class AuthScheme:
@@ -35,9 +36,14 @@ class AuthScheme:
         return {}
 
     async def request_headers(self, session: aiohttp.ClientSession, base_url: str, *,
-                              fresh: bool = False) -> dict[str, str]:
-        """The headers of one request; ``fresh``: the upstream refused the token it was sent."""
+                              refused: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The headers of one request; ``refused``: those the upstream just refused (401), so a
+        token that another request has already replaced is not replaced again."""
         return self.headers()
+
+    async def check_headers(self, session: aiohttp.ClientSession, base_url: str) -> dict[str, str]:
+        """The headers of a health check."""
+        return await self.request_headers(session, base_url)
 
     def ssl_context(self) -> ssl.SSLContext:
         return default_ssl_context()
@@ -74,10 +80,39 @@ class OAuthClientCredentialsAuth(AuthScheme):
     fetches_token = True
 
     async def request_headers(self, session: aiohttp.ClientSession, base_url: str, *,
-                              fresh: bool = False) -> dict[str, str]:
+                              refused: Mapping[str, str] | None = None) -> dict[str, str]:
         token = await tokens.access_token(self.payload, base_url=base_url, cache_key=self.cache_key,
-                                          session=session, fresh=fresh)
+                                          session=session, refused=_bearer(refused))
         return {"Authorization": f"Bearer {token}"}
+
+    async def check_headers(self, session: aiohttp.ClientSession, base_url: str) -> dict[str, str]:
+        """A new token at every check: the check proves the credentials work now, not that a token
+        obtained earlier has not expired yet (the gateway then uses the same one)."""
+        token = await tokens.access_token(self.payload, base_url=base_url, cache_key=self.cache_key,
+                                          session=session, fresh=True)
+        return {"Authorization": f"Bearer {token}"}
+
+
+class OAuthGrantAuth(AuthScheme):
+    """An account connected with the authorization-code flow: the connection's access token,
+    refreshed when it ends or is refused (``external_mcp.oauth.grants``)."""
+
+    auth_type = AuthType.OAUTH2
+    fetches_token = True
+
+    def __init__(self, grant: grants.Grant) -> None:
+        super().__init__(None, cache_key=str(grant.connection_id))
+        self.grant = grant
+
+    async def request_headers(self, session: aiohttp.ClientSession, base_url: str, *,
+                              refused: Mapping[str, str] | None = None) -> dict[str, str]:
+        token = await grants.access_token(self.grant, refused=_bearer(refused))
+        return {"Authorization": f"Bearer {token}"}
+
+
+def _bearer(headers: Mapping[str, str] | None) -> str | None:
+    value = (headers or {}).get("Authorization", "")
+    return value.removeprefix("Bearer ") if value else None
 
 
 class MtlsAuth(AuthScheme):

@@ -10,6 +10,8 @@ class ServerStatus(models.TextChoices):
     HEALTHY = "healthy", "Healthy"
     WARNING = "warning", "Warning"
     DOWN = "down", "Down"
+    # OAuth: nobody has connected an account TwinMCP may use, or the connection needs renewing.
+    NEEDS_AUTH = "needs_auth", "Needs authorization"
     DISABLED = "disabled", "Disabled"
     # Never stored: shown when the last check is too old to believe the recorded status (staleness.py).
     STALE = "stale", "Stale (no recent check)"
@@ -18,15 +20,17 @@ class ServerStatus(models.TextChoices):
 # Down sorts first: what is broken is what an admin must see; then what nobody checks any more.
 STATUS_SORT_ORDER = {
     ServerStatus.DOWN: 0,
-    ServerStatus.STALE: 1,
-    ServerStatus.WARNING: 2,
-    ServerStatus.NEW: 3,
-    ServerStatus.HEALTHY: 4,
-    ServerStatus.DISABLED: 5,
+    ServerStatus.NEEDS_AUTH: 1,
+    ServerStatus.STALE: 2,
+    ServerStatus.WARNING: 3,
+    ServerStatus.NEW: 4,
+    ServerStatus.HEALTHY: 5,
+    ServerStatus.DISABLED: 6,
 }
 
 STATUS_COLOURS = {
     ServerStatus.DOWN: "down",
+    ServerStatus.NEEDS_AUTH: "warn",
     ServerStatus.STALE: "warn",
     ServerStatus.WARNING: "warn",
     ServerStatus.NEW: "new",
@@ -41,12 +45,25 @@ class AuthType(models.TextChoices):
     BASIC = "basic", "Basic auth"
     BEARER = "bearer", "Bearer token"
     MTLS = "mtls", "Client certificate (mTLS)"
-    OAUTH2 = "oauth2", "OAuth 2.0 (reserved)"
+    OAUTH2 = "oauth2", "OAuth 2.1 (sign in at the server)"
     OAUTH2_CLIENT_CREDENTIALS = "oauth2_client_credentials", "OAuth 2.0 client credentials"
 
 
-SUPPORTED_AUTH_TYPES = [t for t in AuthType.values if t != AuthType.OAUTH2]
-SUPPORTED_AUTH_TYPE_CHOICES = [(t, AuthType(t).label) for t in SUPPORTED_AUTH_TYPES]
+# An account is connected (OAuth) rather than a secret entered: the stored credentials, if any,
+# only say which client TwinMCP is at the authorization server.
+CONNECTED_AUTH_TYPES = frozenset({AuthType.OAUTH2})
+
+
+class CredentialMode(models.TextChoices):
+    """Whose secret the proxy sends: the server's one (entered by an admin) or the calling member's."""
+
+    SHARED = "shared", "Shared by the workspace"
+    PER_USER = "per_user", "Each member's own"
+
+
+class ConnectionState(models.TextChoices):
+    ACTIVE = "active", "Connected"
+    NEEDS_REAUTH = "needs_reauth", "Needs re-authorization"
 
 
 class Transport(models.TextChoices):
@@ -65,6 +82,9 @@ class AuditAction(models.TextChoices):
     TOOLSET_CREATE = "toolset.create", "Toolset created"
     TOOLSET_UPDATE = "toolset.update", "Toolset updated"
     TOOLSET_DELETE = "toolset.delete", "Toolset deleted"
+    CONNECT = "connection.connect", "Account connected"
+    DISCONNECT = "connection.disconnect", "Account disconnected"
+    REAUTH = "connection.needs_reauth", "Connection needs re-authorization"
 
 
 class PrefixMode(models.TextChoices):
@@ -91,3 +111,4 @@ class NotificationKind(models.TextChoices):
     TOOL_CHANGED = "tool.changed", "Tool definition changed"
     TOOL_REFUSED = "tool.refused", "Tool refused by TwinMCP"
     ALERT = "alert.failure_ratio", "Many health checks failing"
+    REAUTH = "connection.needs_reauth", "Connection needs re-authorization"

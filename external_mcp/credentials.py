@@ -34,6 +34,8 @@ FIELDS: dict[str, dict[str, bool]] = {
     AuthType.BEARER: {"token": True},
     AuthType.MTLS: {"client_cert_pem": True, "client_key_pem": True, "ca_bundle_pem": False},
     AuthType.OAUTH2_CLIENT_CREDENTIALS: {"client_id": True, "client_secret": True, "token_url": False, "scope": False},
+    # All optional: without a client id TwinMCP registers itself (RFC 7591) at the first Connect.
+    AuthType.OAUTH2: {"client_id": False, "client_secret": False, "scopes": False},
 }
 
 
@@ -48,8 +50,6 @@ class CleanCredentials:
 
 def validate_credentials(auth_type: str, data: Any) -> CleanCredentials | None:
     """Return the cleaned payload for ``auth_type`` (None for ``none``) or raise ValidationError."""
-    if auth_type == AuthType.OAUTH2:
-        raise ValidationError({"auth_type": ["oauth2 is reserved for a later release."]})
     if auth_type == AuthType.NONE:
         if data not in (None, {}, ""):
             raise ValidationError({"credentials": ["auth_type 'none' takes no credentials."]})
@@ -74,6 +74,8 @@ def validate_credentials(auth_type: str, data: Any) -> CleanCredentials | None:
             errors[f"credentials.{name}"] = ["Must be a string."]
             continue
         payload[name] = value
+    if auth_type == AuthType.OAUTH2 and "client_secret" in payload and "client_id" not in payload:
+        errors["credentials.client_id"] = ["A client secret needs the client id it belongs to."]
     if errors:
         raise ValidationError(errors)
     clean = CleanCredentials(payload=payload)

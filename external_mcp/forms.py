@@ -13,7 +13,7 @@ from typing import Any
 from django import forms
 from django.core.exceptions import ValidationError
 
-from external_mcp.choices import SUPPORTED_AUTH_TYPE_CHOICES, AuthType, PrefixMode, ServerStatus
+from external_mcp.choices import AuthType, CredentialMode, PrefixMode, ServerStatus
 from external_mcp.credentials import MAX_PEM_BYTES
 from external_mcp.exposed_names import PREFIX_MAX_CHARS
 
@@ -63,8 +63,14 @@ class ServerForm(forms.Form):
                                   widget=forms.Textarea(attrs={"rows": 3}))
     tags = forms.CharField(label="Tags", required=False, max_length=1000,
                            help_text="Comma-separated, e.g. crm, production")
-    auth_type = forms.ChoiceField(label="Authentication type", choices=SUPPORTED_AUTH_TYPE_CHOICES,
+    auth_type = forms.ChoiceField(label="Authentication type", choices=AuthType.choices,
                                   initial=AuthType.NONE)
+    credential_mode = forms.ChoiceField(
+        label="Whose credentials", choices=CredentialMode.choices, initial=CredentialMode.SHARED, required=False,
+        widget=forms.RadioSelect,
+        help_text="Shared: the secret (or the OAuth account an admin connects) serves every member. Each member's "
+                  "own: members connect their own account or enter their own secret on the server's page, and "
+                  "the upstream sees who calls.")
 
     def __init__(self, *args: Any, workspaces: list | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -88,6 +94,12 @@ class ServerForm(forms.Form):
             "tags": [t.strip() for t in data["tags"].split(",") if t.strip()],
             **({"prefix": data["prefix"]} if data["prefix"] else {}),
         }
+
+    @property
+    def members_enter_secrets(self) -> bool:
+        """Per-user credentials of a type with a secret: the server itself stores none."""
+        data = self.cleaned_data
+        return data.get("credential_mode") == CredentialMode.PER_USER and data.get("auth_type") != AuthType.OAUTH2
 
 
 class CredentialsForm(forms.Form):
@@ -203,6 +215,22 @@ class OAuthClientCredentialsForm(CredentialsForm):
                             widget=WriteOnlyTextInput(attrs={"autocomplete": "off", "spellcheck": "false"}))
 
 
+class OAuthCredentialsForm(CredentialsForm):
+    """The client TwinMCP is at the authorization server, if one was registered for it by hand."""
+
+    auth_type = AuthType.OAUTH2
+    public_fields = ("client_id", "scopes")
+
+    client_id = forms.CharField(label="Client ID (optional)", required=False, max_length=1000,
+                                help_text="Leave empty: TwinMCP registers itself at the authorization server "
+                                          "(dynamic client registration) when you connect.",
+                                widget=forms.TextInput(attrs={"autocomplete": "off", "spellcheck": "false"}))
+    client_secret = _secret("Client secret (optional)")
+    scopes = forms.CharField(label="Scopes (optional)", required=False, max_length=1000,
+                             help_text="Space-separated. Left empty: what the server asks for.",
+                             widget=forms.TextInput(attrs={"autocomplete": "off", "spellcheck": "false"}))
+
+
 CREDENTIAL_FORMS: dict[str, type[CredentialsForm]] = {
     AuthType.NONE: NoCredentialsForm,
     AuthType.API_KEY: ApiKeyCredentialsForm,
@@ -210,12 +238,22 @@ CREDENTIAL_FORMS: dict[str, type[CredentialsForm]] = {
     AuthType.BEARER: BearerCredentialsForm,
     AuthType.MTLS: MtlsCredentialsForm,
     AuthType.OAUTH2_CLIENT_CREDENTIALS: OAuthClientCredentialsForm,
+    AuthType.OAUTH2: OAuthCredentialsForm,
 }
 
 
 def credentials_form(auth_type: str | None, *args: Any, **kwargs: Any) -> CredentialsForm:
     form_class = CREDENTIAL_FORMS.get(auth_type or AuthType.NONE, NoCredentialsForm)
     return form_class(*args, **kwargs)
+
+
+def own_credentials_form(server: Any, data: Any = None, files: Any = None) -> CredentialsForm | None:
+    """The form a member enters their own secret in, on a per-user server (None on others)."""
+    if not server.per_user or server.auth_type in (AuthType.NONE, AuthType.OAUTH2):
+        return None
+    form = credentials_form(server.auth_type, data, files, prefix="own")
+    form.fields.pop("expires_at", None)
+    return form
 
 
 def apply_service_errors(exc: ValidationError, *forms_: forms.Form) -> None:

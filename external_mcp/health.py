@@ -17,11 +17,13 @@ from django.db import transaction
 from django.utils import timezone
 
 from external_mcp import catalog, mcp_client, metrics, storable
-from external_mcp.auth_schemes import AuthScheme, build_scheme
+from external_mcp.auth_schemes import AuthScheme
 from external_mcp.choices import ServerStatus, ToolState
 from external_mcp.models import ExternalMcpServer, ExternalMcpTool, HealthCheck
 from external_mcp.notifications import failure_ratio_alert
-from external_mcp.services import CredentialUnavailable, credentials_payload
+from external_mcp.oauth.grants import ConnectionNeeded
+from external_mcp.outbound import scheme_for
+from external_mcp.services import CredentialUnavailable
 from external_mcp.status import transition
 
 logger = logging.getLogger("external_mcp.health")
@@ -40,15 +42,18 @@ def timeouts() -> mcp_client.Timeouts:
     return mcp_client.Timeouts(connect=min(5.0, total), step=total, total=total)
 
 
+NEEDS_AUTH = ConnectionNeeded.error_class
+"""The error class of a check that could not run: the server needs a connection nobody made."""
+
+
 def prepare(server: ExternalMcpServer) -> Target:
     try:
-        payload = credentials_payload(server=server)
-    except CredentialUnavailable as exc:
+        return Target(server=server, scheme=scheme_for(server, server.check_as_id))
+    except ConnectionNeeded as exc:
+        failure = mcp_client.CheckResult(ok=False, error_class=NEEDS_AUTH, error_message=str(exc))
+    except (CredentialUnavailable, ValueError) as exc:
         failure = mcp_client.CheckResult(ok=False, error_class="credentials", error_message=str(exc))
-        return Target(server=server, scheme=None, failure=failure)
-    fingerprint = server.credential.fingerprint if server.has_credentials else ""
-    return Target(server=server, scheme=build_scheme(server.auth_type, payload,
-                                                     cache_key=f"{server.pk}:{fingerprint}"))
+    return Target(server=server, scheme=None, failure=failure)
 
 
 async def run_checks(targets: list[Target], *, concurrency: int | None = None) -> list[mcp_client.CheckResult]:
@@ -108,6 +113,10 @@ def _store(server: ExternalMcpServer, result: mcp_client.CheckResult, now: datet
                 "name": result.server_name, "version": result.server_version, "era": result.era,
                 "capabilities": _bounded(result.capabilities), "card_url": result.card_url})
             target, reason = (ServerStatus.WARNING, message) if slow else (ServerStatus.HEALTHY, "Check succeeded.")
+        elif result.error_class == NEEDS_AUTH:
+            # Not the server's failure: nothing was sent to it. It waits for someone to connect.
+            row.error_message = storable.display_text(result.error_message, 4000)
+            target, reason = ServerStatus.NEEDS_AUTH, row.error_message
         else:
             row.consecutive_failures += 1
             row.error_message = storable.display_text(f"{result.error_message} {result.hint}".strip(), 4000)

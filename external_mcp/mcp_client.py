@@ -17,16 +17,18 @@ import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from external_mcp import sse, urlpolicy
-from external_mcp.auth_schemes import AuthScheme
 from external_mcp.oauth.tokens import TokenUnavailable
 from external_mcp.storable import display_text
+
+if TYPE_CHECKING:  # the schemes fetch OAuth tokens through this module's sessions
+    from external_mcp.auth_schemes import AuthScheme
 
 logger = logging.getLogger(__name__)
 
@@ -171,13 +173,10 @@ class McpProbe:
         return self.result
 
     async def _token(self) -> None:
-        """A new token at every check: the check proves the credentials work now, not that a token
-        obtained earlier has not expired yet (the gateway then uses the same one)."""
         try:
-            self.auth_headers = {**self.auth_headers,
-                                 **await self.scheme.request_headers(self.session, self.url, fresh=True)}
+            self.auth_headers = {**self.auth_headers, **await self.scheme.check_headers(self.session, self.url)}
         except TokenUnavailable as exc:
-            raise CheckError("auth", str(exc)) from None
+            raise CheckError(exc.error_class, str(exc)) from None
 
     async def _step(self, name: str, func: Any) -> None:
         started = time.perf_counter()

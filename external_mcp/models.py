@@ -16,6 +16,8 @@ from external_mcp import staleness
 from external_mcp.choices import (
     AuditAction,
     AuthType,
+    ConnectionState,
+    CredentialMode,
     NotificationKind,
     PrefixMode,
     ServerStatus,
@@ -86,6 +88,10 @@ class ExternalMcpServer(models.Model):
     base_url = models.URLField(max_length=2048)
     transport = models.CharField(max_length=32, choices=Transport.choices, default=Transport.STREAMABLE_HTTP)
     auth_type = models.CharField(max_length=32, choices=AuthType.choices, default=AuthType.NONE)
+    credential_mode = models.CharField(max_length=16, choices=CredentialMode.choices, default=CredentialMode.SHARED)
+    check_as = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
+        help_text="Per-user credentials: the member whose connection health checks and discovery use.")
     status = models.CharField(max_length=16, choices=ServerStatus.choices, default=ServerStatus.NEW)
     error_message = models.TextField(blank=True, default="")
     enabled = models.BooleanField(default=True)
@@ -124,6 +130,16 @@ class ExternalMcpServer(models.Model):
     def has_credentials(self) -> bool:
         return self.auth_type != AuthType.NONE and hasattr(self, "credential")
 
+    @property
+    def per_user(self) -> bool:
+        return self.credential_mode == CredentialMode.PER_USER
+
+    @property
+    def connects(self) -> bool:
+        """Whether the proxy sends a member's connection (an OAuth grant or their own secret) rather
+        than the server's stored credential."""
+        return self.per_user or self.auth_type == AuthType.OAUTH2
+
 
 class ExternalMcpCredential(models.Model):
     """One per server. ``ciphertext`` is the only place the secret lives (AES-GCM, key ring)."""
@@ -144,6 +160,137 @@ class ExternalMcpCredential(models.Model):
 
     def __str__(self) -> str:
         return f"credentials of {self.server_id} ({self.fingerprint})"
+
+
+class ConnectionQuerySet(models.QuerySet["Connection"]):
+    def used_by(self, server: ExternalMcpServer, user_id: int | None) -> ConnectionQuerySet:
+        """The connection the proxy sends for ``user_id``'s calls: their own when the server is
+        per-user, else the workspace's (user null)."""
+        return self.filter(server=server, user_id=user_id if server.per_user else None)
+
+
+class Connection(models.Model):
+    """An account connected to a server: an OAuth grant (``oauth2``) or, with per-user credentials,
+    a member's own secret. ``user`` is null for the one connection a shared server uses.
+
+    ``ciphertext`` holds the tokens or the secret (AES-GCM, bound to ``context``); ``version``
+    grows at every token change, so a gateway process that refreshes can tell whether another one
+    already did (``external_mcp.oauth.grants``)."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    server = models.ForeignKey(ExternalMcpServer, on_delete=models.CASCADE, related_name="connections")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE,
+                             related_name="mcp_connections")
+    ciphertext = models.TextField()
+    key_id = models.CharField(max_length=16, db_index=True)
+    fingerprint = models.CharField(max_length=64)
+    state = models.CharField(max_length=16, choices=ConnectionState.choices, default=ConnectionState.ACTIVE)
+    version = models.PositiveIntegerField(default=1)
+    expires_at = models.DateTimeField(null=True, blank=True, help_text="When the access token ends (OAuth).")
+    scope = models.CharField(max_length=1000, blank=True, default="")
+    subject = models.CharField(max_length=200, blank=True, default="",
+                               help_text="Who the authorization server says connected, when it says so.")
+    connected_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                     related_name="+")
+    connected_at = models.DateTimeField(default=timezone.now)
+    refreshed_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True, default="")
+
+    objects = ConnectionQuerySet.as_manager()
+
+    class Meta:
+        db_table = "external_mcp_connections"
+        constraints = [
+            models.UniqueConstraint(fields=["server", "user"], name="external_mcp_connection_unique"),
+            models.UniqueConstraint(fields=["server"], condition=models.Q(user__isnull=True),
+                                    name="external_mcp_connection_shared_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"connection of {self.user_id or 'the workspace'} to {self.server_id} ({self.state})"
+
+    @property
+    def context(self) -> str:
+        return connection_context(self.server_id, self.user_id)
+
+
+def connection_context(server_id: object, user_id: object) -> str:
+    """What a connection's ciphertext is bound to: copied to another row, it does not decrypt."""
+    return f"connection:{server_id}:{user_id or 'shared'}"
+
+
+class OAuthClient(models.Model):
+    """What TwinMCP learnt about an ``oauth2`` server's authorization server, and the client it
+    registered there (RFC 7591) when no client id was entered: found again at every Connect."""
+
+    server = models.OneToOneField(ExternalMcpServer, on_delete=models.CASCADE, related_name="oauth_client")
+    issuer = models.URLField(max_length=2048)
+    resource = models.URLField(max_length=2048)
+    metadata = models.JSONField(default=dict, help_text="The authorization server's metadata (RFC 8414).")
+    scope = models.CharField(max_length=1000, blank=True, default="")
+    registration = models.TextField(blank=True, default="", help_text="The registered client, encrypted.")
+    key_id = models.CharField(max_length=16, blank=True, default="", db_index=True)
+    redirect_uri = models.URLField(max_length=2048, blank=True, default="")
+    auth_method = models.CharField(max_length=32, blank=True, default="",
+                                   help_text="How an entered client's secret is presented, once one worked.")
+    discovered_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        db_table = "external_mcp_oauth_clients"
+
+    def __str__(self) -> str:
+        return f"OAuth client of {self.server_id} at {self.issuer}"
+
+    @property
+    def context(self) -> str:
+        return f"oauth-client:{self.server_id}"
+
+
+class OAuthPending(models.Model):
+    """An authorization under way: the ``state`` sent to the authorization server (only its hash
+    is kept), who started it, and the PKCE verifier. Used once, by that user, within minutes."""
+
+    state_hash = models.CharField(max_length=64, unique=True)
+    server = models.ForeignKey(ExternalMcpServer, on_delete=models.CASCADE, related_name="+")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    own = models.BooleanField(help_text="The user's own connection (per-user), not the workspace's.")
+    verifier = models.TextField(help_text="The PKCE code verifier, encrypted.")
+    key_id = models.CharField(max_length=16, blank=True, default="", db_index=True)
+    expires_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        db_table = "external_mcp_oauth_pending"
+
+    def __str__(self) -> str:
+        return f"authorization of {self.server_id} by {self.user_id}"
+
+    @property
+    def context(self) -> str:
+        return f"oauth-pending:{self.state_hash}"
+
+
+class OAuthRevocation(models.Model):
+    """Tokens to revoke at an authorization server (RFC 7009), written in the transaction that
+    dropped them (disconnect, delete, a new connection) and sent by a task with retries, so
+    neither the admin's click waits on the authorization server nor a failed call loses them."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    ciphertext = models.TextField(help_text="The tokens, the endpoint and the client, encrypted.")
+    key_id = models.CharField(max_length=16, db_index=True)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(default=timezone.now, db_index=True)
+    last_error = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        db_table = "external_mcp_oauth_revocations"
+
+    def __str__(self) -> str:
+        return f"revocation {self.pk} ({self.attempts} attempts)"
+
+    @property
+    def context(self) -> str:
+        return f"oauth-revocation:{self.pk}"
 
 
 class AuditEvent(models.Model):

@@ -48,14 +48,22 @@ def notify_admins(
     admin_ids = list(
         Membership.objects.filter(workspace_id=workspace_id, role=Role.ADMIN).values_list("user_id", flat=True)
     )
+    return notify_users(user_ids=admin_ids, workspace_id=workspace_id, kind=kind, title=title, body=body,
+                        dedup_key=dedup_key, server=server)
+
+
+def notify_users(
+    *, user_ids: list[int], workspace_id: object, kind: str, title: str, body: str, dedup_key: str,
+    server: ExternalMcpServer | None = None,
+) -> list[Notification]:
     now = timezone.now()
     rows = [
         Notification(user_id=user_id, workspace_id=workspace_id, server=server, kind=kind, title=title[:200],
                      body=body, dedup_key=dedup_key[:200], email_next_attempt_at=now)
-        for user_id in admin_ids
+        for user_id in user_ids
     ]
     Notification.objects.bulk_create(rows, ignore_conflicts=True)
-    created = list(Notification.objects.filter(dedup_key=dedup_key[:200], user_id__in=admin_ids,
+    created = list(Notification.objects.filter(dedup_key=dedup_key[:200], user_id__in=user_ids,
                                                 email_sent_at__isnull=True))
     if created:
         ids = [str(n.pk) for n in created]
@@ -141,7 +149,8 @@ def email_sweep(*, limit: int = SWEEP_BATCH) -> int:
 def failure_ratio_alert(*, workspace_id: object) -> bool:
     """Raise one alert when more than 30% of the workspace's checks failed in 5 minutes."""
     since = timezone.now() - ALERT_WINDOW
-    checks = HealthCheck.objects.filter(server__workspace_id=workspace_id, checked_at__gte=since)
+    checks = HealthCheck.objects.filter(server__workspace_id=workspace_id, checked_at__gte=since).exclude(
+        error_class="needs_auth")  # nothing was sent: waiting for an account is no failure of the server
     total = checks.count()
     failed = checks.filter(ok=False).count()
     if total < ALERT_MIN_CHECKS or failed / total <= 0.3:

@@ -19,11 +19,13 @@ from django.conf import settings
 from django.db import close_old_connections
 
 from external_mcp import tool_names
-from external_mcp.auth_schemes import AuthScheme, build_scheme
+from external_mcp.auth_schemes import AuthScheme
 from external_mcp.catalog import canonical_definition, definition_hash
 from external_mcp.choices import ServerStatus, ToolState
 from external_mcp.models import ExternalMcpServer, ExternalMcpTool
-from external_mcp.services import CredentialUnavailable, credentials_payload
+from external_mcp.oauth.grants import ConnectionNeeded
+from external_mcp.outbound import scheme_for
+from external_mcp.services import CredentialUnavailable
 from external_mcp.storable import display_text
 from twinmcp import invalidation
 from twinmcp.apikeys import ApiKeyError, hash_key, resolve_key
@@ -58,6 +60,8 @@ class ServerInfo:
     approved_hashes: dict[str, str] = field(default_factory=dict)
     token_scheme: AuthScheme | None = None
     """Set when each request's credentials carry a token obtained over the network (OAuth)."""
+    connection_needed: str = ""
+    """Why the caller's calls cannot go through until an account is connected, naming where."""
 
     @property
     def disabled(self) -> bool:
@@ -177,21 +181,22 @@ def _load_server(server_id: Any, user_id: int, workspace_id: Any) -> ServerInfo 
     headers: dict[str, str] = {}
     token_scheme: AuthScheme | None = None
     context: ssl.SSLContext | bool = False
-    error = ""
+    error = needed = ""
     try:
-        payload = credentials_payload(server=server)
-        fingerprint = server.credential.fingerprint if server.has_credentials else ""
-        scheme = build_scheme(server.auth_type, payload, cache_key=f"{server.pk}:{fingerprint}")
+        scheme = scheme_for(server, user_id)
         headers = scheme.headers()
         token_scheme = scheme if scheme.fetches_token else None
         if server.base_url.startswith("https:"):
             context = scheme.ssl_context()
+    except ConnectionNeeded as exc:
+        needed = str(exc)
     except (CredentialUnavailable, ValueError, ssl.SSLError) as exc:
         error = str(exc)
     tools = ExternalMcpTool.objects.filter(server=server).values_list("name", "state", "approved_hash")
     return ServerInfo(id=server.pk, workspace_id=server.workspace_id, name=server.name, base_url=server.base_url,
                       enabled=server.enabled, status=server.status, flag_on=flag_on, auth_headers=headers,
-                      ssl=context, credential_error=error, tool_states={name: state for name, state, _ in tools},
+                      ssl=context, credential_error=error, connection_needed=needed,
+                      tool_states={name: state for name, state, _ in tools},
                       approved_hashes={name: digest for name, _, digest in tools if digest}, token_scheme=token_scheme)
 
 

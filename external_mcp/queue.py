@@ -14,6 +14,7 @@ logger = logging.getLogger(__name__)
 
 CHECK_SERVER = "external_mcp.tasks.check_server"
 SEND_EMAILS = "external_mcp.tasks.send_notification_emails"
+SEND_REVOCATIONS = "external_mcp.tasks.send_revocations"
 
 
 def _queue(name: str, *args: Any) -> bool:
@@ -37,3 +38,7 @@ def queue_check(server_id: object) -> bool:
 
 def queue_emails(notification_ids: list[str]) -> bool:
     return _queue(SEND_EMAILS, notification_ids)
+
+
+def queue_revocations(revocation_ids: list[str]) -> bool:
+    return _queue(SEND_REVOCATIONS, revocation_ids)

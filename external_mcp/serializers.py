@@ -6,10 +6,11 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from external_mcp import staleness, tool_names, toolsets
-from external_mcp.choices import SUPPORTED_AUTH_TYPE_CHOICES, AuthType, PrefixMode, ServerStatus, Transport
+from external_mcp.choices import AuthType, ConnectionState, CredentialMode, PrefixMode, ServerStatus, Transport
 from external_mcp.exposed_names import PREFIX_MAX_CHARS
 from external_mcp.models import (
     AuditEvent,
+    Connection,
     ExternalMcpCredential,
     ExternalMcpServer,
     ExternalMcpTool,
@@ -46,7 +47,8 @@ class ServerSerializer(serializers.ModelSerializer):
     class Meta:
         model = ExternalMcpServer
         fields = [
-            "id", "workspace", "name", "prefix", "base_url", "transport", "auth_type", "status", "recorded_status",
+            "id", "workspace", "name", "prefix", "base_url", "transport", "auth_type", "credential_mode", "status",
+            "recorded_status",
             "stale", "stale_since", "error_message", "enabled", "description", "tags", "last_checked_at", "last_ok_at",
             "last_latency_ms", "consecutive_failures", "check_interval_seconds", "next_check_at", "has_credentials",
             "credential", "created_by", "created_at", "updated_at",
@@ -78,8 +80,14 @@ class ServerSerializer(serializers.ModelSerializer):
 
 CREDENTIALS_HELP = (
     "Secret payload by auth_type — api_key: {header, value}; basic: {username, password}; bearer: {token}; "
-    "mtls: {client_cert_pem, client_key_pem, ca_bundle_pem?}; none: omit. Write-only."
+    "mtls: {client_cert_pem, client_key_pem, ca_bundle_pem?}; oauth2_client_credentials: {client_id, "
+    "client_secret, token_url?, scope?}; oauth2: {client_id?, client_secret?, scopes?} (omit to let TwinMCP "
+    "register itself); none: omit. With credential_mode per_user, omit them (each member enters their own), "
+    "except oauth2's client. Write-only."
 )
+CREDENTIAL_MODE_HELP = ("shared: the server's credentials (or the workspace's OAuth account) serve every member; "
+                        "per_user: each member connects their own account or enters their own secret, and calls "
+                        "carry the caller's.")
 
 
 class ServerWriteSerializer(serializers.Serializer):
@@ -93,8 +101,10 @@ class ServerWriteSerializer(serializers.Serializer):
                   "in runs joined by single '-' or '_', unique in the workspace. Default: derived from the name.")
     base_url = serializers.CharField(max_length=2048, help_text="The server's MCP endpoint URL.")
     transport = serializers.ChoiceField(choices=Transport.choices, default=Transport.STREAMABLE_HTTP)
-    auth_type = serializers.ChoiceField(choices=SUPPORTED_AUTH_TYPE_CHOICES,
+    auth_type = serializers.ChoiceField(choices=AuthType.choices,
                                         default=AuthType.NONE)
+    credential_mode = serializers.ChoiceField(choices=CredentialMode.choices, default=CredentialMode.SHARED,
+                                              help_text=CREDENTIAL_MODE_HELP)
     credentials = BoundedJSONField(required=False, allow_null=True, write_only=True, help_text=CREDENTIALS_HELP)
     credentials_expires_at = serializers.DateTimeField(required=False, allow_null=True)
     description = serializers.CharField(required=False, allow_blank=True, max_length=2000, default="")
@@ -108,8 +118,10 @@ class ServerUpdateSerializer(ServerWriteSerializer):
     name = serializers.CharField(max_length=100, required=False)
     base_url = serializers.CharField(max_length=2048, required=False)
     transport = serializers.ChoiceField(choices=Transport.choices, required=False)
-    auth_type = serializers.ChoiceField(choices=SUPPORTED_AUTH_TYPE_CHOICES,
+    auth_type = serializers.ChoiceField(choices=AuthType.choices,
                                         required=False)
+    credential_mode = serializers.ChoiceField(choices=CredentialMode.choices, required=False,
+                                              help_text=CREDENTIAL_MODE_HELP)
     description = serializers.CharField(required=False, allow_blank=True, max_length=2000)
     tags = serializers.ListField(child=serializers.CharField(max_length=40), required=False, max_length=20)
     enabled = serializers.BooleanField(required=False)
@@ -117,10 +129,35 @@ class ServerUpdateSerializer(ServerWriteSerializer):
 
 
 class CredentialsRotateSerializer(serializers.Serializer):
-    auth_type = serializers.ChoiceField(choices=SUPPORTED_AUTH_TYPE_CHOICES,
+    auth_type = serializers.ChoiceField(choices=AuthType.choices,
                                         required=False)
     credentials = BoundedJSONField(write_only=True, help_text=CREDENTIALS_HELP)
     expires_at = serializers.DateTimeField(required=False, allow_null=True)
+
+
+class ConnectionSerializer(serializers.ModelSerializer):
+    """Who connected and what it allows; never a token or a secret."""
+
+    user = serializers.SlugRelatedField(slug_field="username", read_only=True,
+                                        help_text="The member whose connection it is; null: the workspace's.")
+    connected_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    state = serializers.ChoiceField(choices=ConnectionState.choices, read_only=True)
+
+    class Meta:
+        model = Connection
+        fields = ["id", "user", "state", "connected_by", "connected_at", "refreshed_at", "expires_at", "scope",
+                  "subject", "last_error", "fingerprint"]
+        read_only_fields = fields
+
+
+class OwnConnectionSerializer(serializers.Serializer):
+    credentials = BoundedJSONField(write_only=True, help_text="Your own secret, shaped as the server's auth_type "
+                                   "requires (see credentials on the server).")
+
+
+class AuthorizationUrlSerializer(serializers.Serializer):
+    authorization_url = serializers.URLField(help_text="Send the browser there; the authorization server sends it "
+                                             "back to <TWINMCP_PUBLIC_URL>/oauth/callback.")
 
 
 class ServerFilterSerializer(serializers.Serializer):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -10,14 +11,24 @@ from urllib.parse import urlsplit
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.exceptions import ValidationError
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, models, transaction
 from django.utils import timezone
 
 from external_mcp import catalog, crypto
-from external_mcp.choices import SUPPORTED_AUTH_TYPES, AuditAction, AuthType, ServerStatus, Transport
+from external_mcp.choices import AuditAction, AuthType, CredentialMode, ServerStatus, Transport
+from external_mcp.connections import connections_drop, status_follow_auth
 from external_mcp.credentials import CleanCredentials, validate_credentials
 from external_mcp.exposed_names import derive_prefix, prefix_problem
-from external_mcp.models import PREFIX_CONSTRAINT, AuditEvent, ExternalMcpCredential, ExternalMcpServer
+from external_mcp.models import (
+    PREFIX_CONSTRAINT,
+    AuditEvent,
+    Connection,
+    ExternalMcpCredential,
+    ExternalMcpServer,
+    OAuthClient,
+    OAuthPending,
+    OAuthRevocation,
+)
 from external_mcp.queue import queue_check
 from external_mcp.status import transition
 from external_mcp.urlpolicy import UrlPolicyError, validate_url
@@ -115,12 +126,32 @@ def _apply_fields(server: ExternalMcpServer, fields: dict[str, Any]) -> dict[str
     return changes
 
 
-def _clean_auth(auth_type: Any, credentials: Any) -> CleanCredentials | None:
-    if auth_type not in SUPPORTED_AUTH_TYPES:
-        if auth_type == AuthType.OAUTH2:
-            raise ValidationError({"auth_type": ["oauth2 is reserved for a later release."]})
-        raise ValidationError({"auth_type": [f"Choose one of {', '.join(SUPPORTED_AUTH_TYPES)}."]})
-    return validate_credentials(auth_type, credentials)
+def _clean_auth(auth_type: Any, credentials: Any, mode: str = CredentialMode.SHARED) -> CleanCredentials | None:
+    """The server's own credentials. With per-user credentials each member gives their secret
+    (``external_mcp.connections``), so the server stores none, except an OAuth client's id."""
+    if auth_type not in AuthType.values:
+        raise ValidationError({"auth_type": [f"Choose one of {', '.join(AuthType.values)}."]})
+    if mode not in CredentialMode.values:
+        raise ValidationError({"credential_mode": [f"Choose one of {', '.join(CredentialMode.values)}."]})
+    if mode == CredentialMode.PER_USER and auth_type != AuthType.OAUTH2:
+        if auth_type == AuthType.NONE:
+            raise ValidationError({"credential_mode": ["A server without authentication has no credentials to "
+                                                       "give per user."]})
+        if credentials not in (None, {}, ""):
+            raise ValidationError({"credentials": ["With per-user credentials each member enters their own on the "
+                                                   "server's page; the server stores none."]})
+        return None
+    if auth_type == AuthType.OAUTH2 and credentials in (None, ""):
+        credentials = {}
+    clean = validate_credentials(auth_type, credentials)
+    return clean if clean is None or clean.payload else None
+
+
+def initial_status(server: ExternalMcpServer) -> str:
+    """A server whose calls need an account nobody has connected yet cannot be checked."""
+    if not server.enabled:
+        return ServerStatus.DISABLED
+    return ServerStatus.NEEDS_AUTH if server.connects else ServerStatus.NEW
 
 
 def _store_credentials(
@@ -189,6 +220,7 @@ def server_create(
     transport: str = Transport.STREAMABLE_HTTP,
     check_interval_seconds: int | None = None,
     prefix: str | None = None,
+    credential_mode: str = CredentialMode.SHARED,
 ) -> ExternalMcpServer:
     """``prefix`` defaults to one derived from the name, unique in the workspace."""
     server = ExternalMcpServer(workspace=workspace, created_by=actor)
@@ -201,9 +233,9 @@ def server_create(
             **({} if prefix is None else {"prefix": prefix}),
         },
     )
-    clean = _clean_auth(auth_type, credentials)
-    server.auth_type = auth_type
-    server.status = ServerStatus.NEW if enabled else ServerStatus.DISABLED
+    clean = _clean_auth(auth_type, credentials, credential_mode)
+    server.auth_type, server.credential_mode = auth_type, credential_mode
+    server.status = initial_status(server)
     # Lock the workspace row so two concurrent creations cannot both pass the cap (or take one prefix).
     Workspace.objects.select_for_update().filter(pk=workspace.pk).first()
     if ExternalMcpServer.objects.filter(workspace=workspace).count() >= settings.EXTERNAL_MCP_MAX_PER_ORG:
@@ -219,7 +251,8 @@ def server_create(
     except IntegrityError as exc:
         raise _taken(exc) from None
     _store_credentials(server=server, clean=clean, expires_at=credentials_expires_at, rotated=False)
-    _audit(server=server, actor=actor, action=AuditAction.CREATE, changes={**changes, "auth_type": auth_type})
+    _audit(server=server, actor=actor, action=AuditAction.CREATE,
+           changes={**changes, "auth_type": auth_type, "credential_mode": credential_mode})
     transaction.on_commit(lambda: queue_check(server.pk))
     return server
 
@@ -258,6 +291,7 @@ def server_update(
     and the proxy would send them to the new one). A move also returns every tool to pending."""
     server = ExternalMcpServer.objects.select_for_update().get(pk=server.pk)
     auth_type = fields.pop("auth_type", None)
+    mode = fields.pop("credential_mode", None)
     credentials = fields.pop("credentials", None)
     expires_at = fields.pop("credentials_expires_at", None)
     old_url = server.base_url
@@ -266,22 +300,31 @@ def server_update(
     if "enabled" in changes or "base_url" in changes:
         server.next_check_at = timezone.now()
     new_auth = auth_type is not None and auth_type != server.auth_type
-    if new_auth or (moved and server.auth_type != AuthType.NONE):
-        if not new_auth and credentials is None:
+    new_mode = mode is not None and mode != server.credential_mode
+    if new_auth or new_mode or (moved and server.has_credentials):
+        if not (new_auth or new_mode) and credentials is None:
             raise ValidationError({"credentials": [MOVE_NEEDS_CREDENTIALS]})
-        clean = _clean_auth(auth_type if new_auth else server.auth_type, credentials)
+        clean = _clean_auth(auth_type if new_auth else server.auth_type, credentials,
+                            mode if new_mode else server.credential_mode)
         if new_auth:
             server.auth_type = changes["auth_type"] = auth_type
+        if new_mode:
+            server.credential_mode = changes["credential_mode"] = mode
         _store_credentials(server=server, clean=clean, expires_at=expires_at, rotated=True)
         if clean is not None:
             changes["fingerprint"] = crypto.fingerprint(clean.payload)
     elif credentials is not None:
         raise ValidationError({"credentials": ["Replace secrets with PUT …/credentials/."]})
+    # Connections were made for the old auth type, mode or host: none is sent anywhere else.
+    if (new_auth or new_mode or moved) and (dropped := connections_drop(server=server)):
+        changes["connections_dropped"] = dropped
     try:
         with transaction.atomic():
             server.save()
     except IntegrityError as exc:
         raise _taken(exc) from None
+    if new_auth or new_mode or moved:
+        status_follow_auth(server=server, reason="Authentication changed.")
     if moved:
         changes["tools_reset"] = catalog.tools_reset_approvals(server=server)
     if "enabled" in changes:
@@ -297,6 +340,7 @@ def server_update(
 @transaction.atomic
 def server_delete(*, server: ExternalMcpServer, actor: AbstractBaseUser | None) -> None:
     _audit(server=server, actor=actor, action=AuditAction.DELETE, changes={"id": str(server.pk)})
+    connections_drop(server=server)
     server.delete()
     invalidation.announce_change()
 
@@ -313,16 +357,22 @@ def credentials_rotate(
     """Replace the secret. The old ciphertext is overwritten in place: no copy is kept."""
     server = ExternalMcpServer.objects.select_for_update().get(pk=server.pk)
     auth_type = auth_type or server.auth_type
-    clean = _clean_auth(auth_type, credentials)
-    if clean is None and auth_type == server.auth_type:
-        raise ValidationError({"credentials": ["auth_type 'none' has no credentials to rotate."]})
+    clean = _clean_auth(auth_type, credentials, server.credential_mode)
+    if clean is None and auth_type == server.auth_type and auth_type != AuthType.OAUTH2:
+        raise ValidationError({"credentials": [f"auth_type {auth_type!r} has no server credentials to rotate."]})
     changes: dict[str, Any] = {}
+    # Grants belong to the client they were given to: a new client id (not a new secret) ends them.
+    new_client = auth_type == AuthType.OAUTH2 and (credentials_payload(server=server) or {}).get("client_id") != (
+        clean.payload.get("client_id") if clean else None)
+    if (auth_type != server.auth_type or new_client) and (dropped := connections_drop(server=server)):
+        changes["connections_dropped"] = dropped
     if auth_type != server.auth_type:
         changes["auth_type"] = auth_type
         server.auth_type = auth_type
     if server.error_message.startswith("Stored credentials"):
         server.error_message = ""
     server.save()
+    status_follow_auth(server=server, reason="Credentials changed.")
     _store_credentials(server=server, clean=clean, expires_at=expires_at, rotated=True)
     if clean is not None:
         changes["fingerprint"] = crypto.fingerprint(clean.payload)
@@ -338,6 +388,8 @@ def credentials_payload(*, server: ExternalMcpServer) -> dict[str, str] | None:
     if server.auth_type == AuthType.NONE:
         return None
     credential = ExternalMcpCredential.objects.filter(server=server).first()
+    if credential is None and server.auth_type == AuthType.OAUTH2:
+        return {}  # no client entered: TwinMCP registers its own at the first Connect
     if credential is None:
         raise CredentialUnavailable("No credentials are stored for this server; set them again.")
     try:
@@ -349,36 +401,47 @@ def credentials_payload(*, server: ExternalMcpServer) -> dict[str, str] | None:
         raise CredentialUnavailable(message) from None
 
 
+def _encrypted_fields() -> list[tuple[type[models.Model], str, Callable[[Any], str]]]:
+    """Every ciphertext TwinMCP stores: its model, its field and what it is bound to."""
+    return [
+        (ExternalMcpCredential, "ciphertext", lambda row: str(row.server_id)),
+        (Connection, "ciphertext", lambda row: row.context),
+        (OAuthClient, "registration", lambda row: row.context),
+        (OAuthPending, "verifier", lambda row: row.context),
+        (OAuthRevocation, "ciphertext", lambda row: row.context),
+    ]
+
+
 def credentials_reencrypt_all(*, batch_size: int = 200) -> tuple[int, int]:
-    """Re-encrypt every credential made by an older key with the first key of the ring.
+    """Re-encrypt every secret made by an older key (credentials, connections, OAuth clients,
+    pending authorizations, revocations) with the first key of the ring.
 
     Returns (changed, still_old): rows that could not be decrypted stay on their old key."""
     current = crypto.current_key_id()
-    changed = 0
-    failed_ids: set[int] = set()
-    while True:
-        with transaction.atomic():
-            batch = list(
-                ExternalMcpCredential.objects.select_for_update(skip_locked=True)
-                .exclude(key_id=current)
-                .exclude(pk__in=failed_ids)
-                .select_related("server")
-                .order_by("pk")[:batch_size]
-            )
-            if not batch:
-                break
-            for credential in batch:
-                try:
-                    credential.ciphertext = crypto.reencrypt(credential.ciphertext, context=str(credential.server_id))
-                except crypto.DecryptionError as exc:
-                    failed_ids.add(credential.pk)
-                    _audit(server=credential.server, actor=None, action=AuditAction.DECRYPT_FAILED,
-                           changes={"error": str(exc)})
-                    continue
-                credential.key_id = current
-                credential.save(update_fields=["ciphertext", "key_id"])
-                _audit(server=credential.server, actor=None, action=AuditAction.REENCRYPT,
-                       changes={"key_id": current})
-                changed += 1
-    still_old = ExternalMcpCredential.objects.exclude(key_id=current).count()
+    changed = still_old = 0
+    for model, field, context_of in _encrypted_fields():
+        failed_ids: set[Any] = set()
+        stored = model.objects.exclude(**{field: ""}).exclude(key_id=current)
+        while True:
+            with transaction.atomic():
+                batch = list(stored.select_for_update(skip_locked=True).exclude(pk__in=failed_ids)
+                             .order_by("pk")[:batch_size])
+                if not batch:
+                    break
+                for row in batch:
+                    server = getattr(row, "server", None) if hasattr(row, "server_id") else None
+                    try:
+                        setattr(row, field, crypto.reencrypt(getattr(row, field), context=context_of(row)))
+                    except crypto.DecryptionError as exc:
+                        failed_ids.add(row.pk)
+                        if server is not None:
+                            _audit(server=server, actor=None, action=AuditAction.DECRYPT_FAILED,
+                                   changes={"error": str(exc)})
+                        continue
+                    row.key_id = current
+                    row.save(update_fields=[field, "key_id"])
+                    if model is ExternalMcpCredential:
+                        _audit(server=server, actor=None, action=AuditAction.REENCRYPT, changes={"key_id": current})
+                    changed += 1
+        still_old += stored.count()
     return changed, still_old

@@ -6,6 +6,7 @@ from celery import shared_task
 
 from external_mcp import health, notifications
 from external_mcp.models import ExternalMcpServer
+from external_mcp.oauth import revocation
 
 
 @shared_task(ignore_result=True)
@@ -28,3 +29,9 @@ def send_notification_emails(notification_ids: list[str]) -> int:
 @shared_task(ignore_result=True)
 def email_sweep() -> int:
     return notifications.email_sweep()
+
+
+@shared_task(ignore_result=True)
+def send_revocations(revocation_ids: list[str] | None = None) -> int:
+    """The ones just queued, or (from beat) every one that is due again."""
+    return revocation.revocations_send(ids=revocation_ids)

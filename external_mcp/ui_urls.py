@@ -3,7 +3,7 @@ and external_mcp.toolset_views)."""
 
 from django.urls import path
 
-from external_mcp import toolset_views, views
+from external_mcp import connection_views, toolset_views, views
 
 urlpatterns = [
     path("servers/", views.server_list, name="external_mcp-ui-servers"),
@@ -14,6 +14,12 @@ urlpatterns = [
     path("servers/<uuid:server_id>/toggle/", views.server_toggle, name="external_mcp-ui-server-toggle"),
     path("servers/<uuid:server_id>/delete/", views.server_delete, name="external_mcp-ui-server-delete"),
     path("servers/<uuid:server_id>/rotate/", views.server_rotate, name="external_mcp-ui-server-rotate"),
+    path("servers/<uuid:server_id>/connect/", connection_views.server_connect, name="external_mcp-ui-server-connect"),
+    path("servers/<uuid:server_id>/disconnect/", connection_views.server_disconnect,
+         name="external_mcp-ui-server-disconnect"),
+    path("servers/<uuid:server_id>/my-credentials/", connection_views.server_own_secret,
+         name="external_mcp-ui-server-own-secret"),
+    path("oauth/callback", connection_views.oauth_callback, name="external_mcp-oauth-callback"),
     path("servers/<uuid:server_id>/tools/approve/", views.server_tools_approve,
          name="external_mcp-ui-server-tools-approve"),
     path("toolsets/", toolset_views.toolset_list, name="external_mcp-ui-toolsets"),

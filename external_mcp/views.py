@@ -31,17 +31,19 @@ from django.utils.cache import patch_vary_headers
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_http_methods, require_POST
 
-from external_mcp import catalog, health, inbox, services, staleness, storable, tool_names
+from external_mcp import catalog, connections, health, inbox, services, staleness, storable, tool_names
 from external_mcp.agent_configs import agent_configs
-from external_mcp.choices import STATUS_COLOURS, STATUS_SORT_ORDER, AuthType, ServerStatus, ToolState
+from external_mcp.choices import STATUS_COLOURS, STATUS_SORT_ORDER, AuthType, CredentialMode, ServerStatus, ToolState
 from external_mcp.forms import (
     CredentialsForm,
     ServerFilterForm,
     ServerForm,
     apply_service_errors,
     credentials_form,
+    own_credentials_form,
 )
 from external_mcp.models import ExternalMcpServer, ExternalMcpTool
+from external_mcp.oauth import flow
 from twinmcp.api_errors import LimitReached
 from twinmcp.context_processors import require_external_mcp_page
 from twinmcp.models import Membership, Role
@@ -52,6 +54,7 @@ logger = logging.getLogger(__name__)
 STATUS_ICONS = {
     ServerStatus.DOWN: "✕",
     ServerStatus.WARNING: "!",
+    ServerStatus.NEEDS_AUTH: "🔑",
     ServerStatus.NEW: "•",
     ServerStatus.HEALTHY: "✓",
     ServerStatus.DISABLED: "–",
@@ -290,6 +293,7 @@ def _form_page(request: HttpRequest, *, server: ExternalMcpServer | None, form: 
         "server": server, "form": form, "cred_form": cred_form, "auth_type": auth_type,
         "auth_label": AuthType(auth_type).label,
         "same_auth": server is not None and auth_type == server.auth_type,
+        "oauth_redirect_uri": flow.redirect_uri(),
         **(_credential_context(server) if server is not None else {}),
     }
     if server is not None:
@@ -317,8 +321,9 @@ def server_add(request: HttpRequest) -> HttpResponse:
         try:
             server = services.server_create(
                 workspace=form.chosen_workspace(), actor=request.user, auth_type=form.cleaned_data["auth_type"],
-                credentials=cred_form.payload(new=True), credentials_expires_at=cred_form.expires_at_value(),
-                **form.service_fields(),
+                credential_mode=form.cleaned_data["credential_mode"] or CredentialMode.SHARED,
+                credentials=None if form.members_enter_secrets else cred_form.payload(new=True),
+                credentials_expires_at=cred_form.expires_at_value(), **form.service_fields(),
             )
         except ValidationError as exc:
             apply_service_errors(exc, form, cred_form)
@@ -339,7 +344,7 @@ def server_edit(request: HttpRequest, server_id: Any) -> HttpResponse:
         auth_type = request.GET.get("auth_type") or server.auth_type
         form = ServerForm(initial={"name": server.name, "prefix": server.prefix, "base_url": server.base_url,
                                    "description": server.description, "tags": ", ".join(server.tags),
-                                   "auth_type": auth_type})
+                                   "auth_type": auth_type, "credential_mode": server.credential_mode})
         return _form_page(request, server=server, form=form, cred_form=_cred_form(server, auth_type))
     form = ServerForm(request.POST)
     auth_type = request.POST.get("auth_type") or server.auth_type
@@ -348,17 +353,20 @@ def server_edit(request: HttpRequest, server_id: Any) -> HttpResponse:
         fields = form.service_fields()
         if fields["base_url"] == server.base_url:
             del fields["base_url"]  # unchanged: no new policy check (and DNS lookup) needed
-        new_auth = auth_type != server.auth_type
+        mode = form.cleaned_data["credential_mode"] or server.credential_mode
+        new_auth = auth_type != server.auth_type or mode != server.credential_mode
         moving = "base_url" in fields and services.server_moves(server=server, base_url=fields["base_url"])
-        payload = cred_form.payload(new=new_auth)
+        payload = None if form.members_enter_secrets else cred_form.payload(new=new_auth)
         expires_at = cred_form.expires_at_value()
         try:
             with transaction.atomic():
                 if new_auth or moving:
                     # A move with nothing typed gets the service's "enter the secret again" message.
-                    credentials = cred_form.payload(new=True) if new_auth or payload is not None else None
+                    credentials = (cred_form.payload(new=True) if not form.members_enter_secrets
+                                   and (new_auth or payload is not None) else None)
                     services.server_update(server=server, actor=request.user, auth_type=auth_type,
-                                           credentials=credentials, credentials_expires_at=expires_at, **fields)
+                                           credential_mode=mode, credentials=credentials,
+                                           credentials_expires_at=expires_at, **fields)
                 else:
                     services.server_update(server=server, actor=request.user, **fields)
                     if payload is not None:
@@ -492,7 +500,7 @@ def server_rotate(request: HttpRequest, server_id: Any) -> HttpResponse:
 
 
 def _detail_page(request: HttpRequest, server: ExternalMcpServer, *, rotate_form: CredentialsForm | None = None,
-                 status: int = 200) -> HttpResponse:
+                 own_form: CredentialsForm | None = None, status: int = 200) -> HttpResponse:
     can_admin = _is_admin(request, server.workspace_id)
     stale = staleness.is_stale(server)
     context: dict[str, Any] = {
@@ -516,10 +524,14 @@ def _detail_page(request: HttpRequest, server: ExternalMcpServer, *, rotate_form
                           "median": latencies[len(latencies) // 2] if latencies else None,
                           "max": latencies[-1] if latencies else None,
                           "failed": sum(1 for c in checks if not c.ok)},
-        "rotate_form": rotate_form or (_cred_form(server, server.auth_type) if can_admin else None),
+        "rotate_form": rotate_form or (_cred_form(server, server.auth_type)
+                                       if can_admin and not (server.per_user and server.auth_type != AuthType.OAUTH2)
+                                       else None),
         **_tools_context(request, server),
         **_credential_context(server),
         **_connect_context(request, server),
+        "connection": connections.panel(server=server, viewer=request.user, can_admin=can_admin),
+        "own_form": own_form or own_credentials_form(server),
     })
     return _render(request, "external_mcp/server_detail.html", context, status=status)
 

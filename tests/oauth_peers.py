@@ -21,112 +21,20 @@ they arrived on the wire (answered or refused); ``peer.provider.revoked`` what w
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import secrets
 import threading
-import time
 from collections import Counter
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
-from mcp.server.auth.provider import (
-    AccessToken,
-    AuthorizationCode,
-    AuthorizationParams,
-    RefreshToken,
-    TokenError,
-    construct_redirect_uri,
-)
-from mcp.server.auth.settings import AuthSettings, ClientRegistrationOptions, RevocationOptions
-from mcp.server.mcpserver import MCPServer
-from mcp.shared.auth import OAuthClientInformationFull, OAuthToken
+from mcp.shared.auth import OAuthClientInformationFull
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from external_mcp.demo_oauth import SCOPE, MemoryProvider, build_protected_server
 from tests.mcp_peers import RunningPeer, _read_body, _replaying, _send_simple, _streamable_app
-
-SCOPE = "mcp"
-
-
-class MemoryProvider:
-    """An authorization server's state in memory: clients, codes and tokens, each checked as a
-    strict server would (single-use codes, rotating refresh tokens, expired tokens refused)."""
-
-    def __init__(self, issuer: str, subject: str, access_ttl: int) -> None:
-        self.issuer = issuer
-        self.subject = subject
-        self.access_ttl = access_ttl
-        self.clients: dict[str, OAuthClientInformationFull] = {}
-        self.codes: dict[str, AuthorizationCode] = {}
-        self.access: dict[str, AccessToken] = {}
-        self.refresh: dict[str, RefreshToken] = {}
-        self.revoked: list[str] = []
-        self._lock = threading.Lock()
-
-    async def get_client(self, client_id: str) -> OAuthClientInformationFull | None:
-        return self.clients.get(client_id)
-
-    async def register_client(self, client_info: OAuthClientInformationFull) -> None:
-        self.clients[client_info.client_id] = client_info
-
-    async def authorize(self, client: OAuthClientInformationFull, params: AuthorizationParams) -> str:
-        code = secrets.token_urlsafe(24)
-        self.codes[code] = AuthorizationCode(
-            code=code, scopes=params.scopes or [SCOPE], expires_at=time.time() + 600, client_id=client.client_id,
-            code_challenge=params.code_challenge, redirect_uri=params.redirect_uri,
-            redirect_uri_provided_explicitly=params.redirect_uri_provided_explicitly,
-            resource=params.resource, subject=self.subject,
-        )
-        return construct_redirect_uri(str(params.redirect_uri), code=code, state=params.state, iss=self.issuer)
-
-    async def load_authorization_code(self, client: OAuthClientInformationFull, code: str) -> AuthorizationCode | None:
-        return self.codes.get(code)
-
-    def issue_access(self, client_id: str, scopes: list[str], resource: str | None,
-                     subject: str | None = None) -> str:
-        access = secrets.token_urlsafe(24)
-        self.access[access] = AccessToken(token=access, client_id=client_id, scopes=scopes, resource=resource,
-                                          expires_at=int(time.time()) + self.access_ttl, subject=subject)
-        return access
-
-    def _issue(self, client_id: str, scopes: list[str], resource: str | None, subject: str | None) -> OAuthToken:
-        access, refresh = self.issue_access(client_id, scopes, resource, subject), secrets.token_urlsafe(24)
-        self.refresh[refresh] = RefreshToken(token=refresh, client_id=client_id, scopes=scopes, resource=resource,
-                                             subject=subject)
-        return OAuthToken(access_token=access, expires_in=self.access_ttl, refresh_token=refresh,
-                          scope=" ".join(scopes) or None)
-
-    async def exchange_authorization_code(self, client: OAuthClientInformationFull,
-                                          code: AuthorizationCode) -> OAuthToken:
-        if self.codes.pop(code.code, None) is None:
-            raise TokenError("invalid_grant", "authorization code already used")
-        return self._issue(client.client_id, code.scopes, code.resource, code.subject)
-
-    async def load_refresh_token(self, client: OAuthClientInformationFull, token: str) -> RefreshToken | None:
-        return self.refresh.get(token)
-
-    async def exchange_refresh_token(self, client: OAuthClientInformationFull, refresh_token: RefreshToken,
-                                     scopes: list[str]) -> OAuthToken:
-        with self._lock:
-            if self.refresh.pop(refresh_token.token, None) is None:
-                raise TokenError("invalid_grant", "refresh token already used")
-        return self._issue(client.client_id, scopes or refresh_token.scopes, refresh_token.resource,
-                           refresh_token.subject)
-
-    async def load_access_token(self, token: str) -> AccessToken | None:
-        found = self.access.get(token)
-        if found is not None and found.expires_at is not None and found.expires_at <= time.time():
-            return None
-        return found
-
-    async def revoke_token(self, token: AccessToken | RefreshToken) -> None:
-        self.revoked.append(token.token)
-        self.access.pop(token.token, None)
-        self.refresh.pop(token.token, None)
-
-    def expire_access_tokens(self) -> None:
-        for token, access in list(self.access.items()):
-            self.access[token] = access.model_copy(update={"expires_at": 0})
 
 
 class _TokenEndpoint:
@@ -138,6 +46,11 @@ class _TokenEndpoint:
         self.app = app
         self.counts = counts
         self.provider = provider
+        self.gate: threading.Event | None = None
+        """While set to an unset Event, refresh requests wait for it before they are answered."""
+        self.waiting = threading.Semaphore(0)
+        self.refresh_status: int | None = None
+        """When set, refresh requests get this status (a server that is down or overloaded)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/token":
@@ -147,6 +60,13 @@ class _TokenEndpoint:
         form = {k: v[0] for k, v in parse_qs(body.decode("latin-1")).items()}
         grant = form.get("grant_type", "")
         self.counts[grant] += 1
+        if grant == "refresh_token" and self.gate is not None:
+            self.waiting.release()
+            await asyncio.to_thread(self.gate.wait, 30)
+        if grant == "refresh_token" and self.refresh_status is not None:
+            body = json.dumps({"error": "temporarily_unavailable"}).encode()
+            await _send_simple(send, self.refresh_status, body, "application/json")
+            return
         if grant != "client_credentials":
             await self.app(scope, _replaying(body, receive), send)
             return
@@ -171,34 +91,16 @@ class OAuthPeer(RunningPeer):
         self.registration = registration
         self.provider: MemoryProvider | None = None
         self.token_requests: Counter[str] = Counter()
+        self.token_endpoint: _TokenEndpoint
         super().__init__(self._build, name="peer-oauth")
 
     def _build(self, peer: RunningPeer) -> ASGIApp:
         self.provider = MemoryProvider(peer.base, self.subject, self.access_ttl)
-        server: MCPServer = MCPServer(
-            "peer-oauth", version="1.0.0", log_level="WARNING", auth_server_provider=self.provider,
-            auth=AuthSettings(
-                issuer_url=peer.base,  # type: ignore[arg-type]
-                resource_server_url=peer.url,  # type: ignore[arg-type]
-                validate_token_resource=True,
-                client_registration_options=ClientRegistrationOptions(
-                    enabled=self.registration, valid_scopes=[SCOPE], default_scopes=[SCOPE]),
-                revocation_options=RevocationOptions(enabled=True),
-                required_scopes=[SCOPE],
-            ),
-        )
-        subject = self.subject
-
-        @server.tool(description="Who the access token was issued to.")
-        def whoami() -> str:
-            return subject
-
-        @server.tool(description="Echo the given text back.")
-        def echo(text: str) -> str:
-            return text
-
-        return _TokenEndpoint(_streamable_app(server, json_response=True, stateless=True), self.token_requests,
-                              self.provider)
+        server = build_protected_server(self.provider, issuer=peer.base, resource=peer.url,
+                                        registration=self.registration)
+        self.token_endpoint = _TokenEndpoint(_streamable_app(server, json_response=True, stateless=True),
+                                             self.token_requests, self.provider)
+        return self.token_endpoint
 
     @property
     def issuer(self) -> str:
@@ -207,6 +109,26 @@ class OAuthPeer(RunningPeer):
     def expire_access_tokens(self) -> None:
         assert self.provider is not None
         self.provider.expire_access_tokens()
+
+    def hold_refreshes(self) -> threading.Event:
+        """From now on refresh requests wait, once arrived (``arrived()``), until the returned event is set."""
+        self.token_endpoint.gate = threading.Event()
+        return self.token_endpoint.gate
+
+    def arrived(self, timeout: float = 30) -> bool:
+        """Whether a held refresh request arrived (waits for it)."""
+        return self.token_endpoint.waiting.acquire(timeout=timeout)
+
+    def sign_in_as(self, subject: str) -> None:
+        """Who the next authorization approves (the person at the browser)."""
+        assert self.provider is not None
+        self.provider.subject = subject
+
+    def revoke_grants(self) -> None:
+        """Every refresh and access token dies at once, as when a user revokes the app at the provider."""
+        assert self.provider is not None
+        self.provider.refresh.clear()
+        self.provider.access.clear()
 
     def register_client(self, redirect_uri: str, **fields: Any) -> OAuthClientInformationFull:
         """A client registered by hand (what an admin gets from a provider's console)."""

@@ -82,3 +82,47 @@ def test_missing_credential_row_is_a_clear_error(servers):
     with pytest.raises(services.CredentialUnavailable, match="No credentials"):
         services.credentials_payload(server=created[0])
     assert services.credentials_payload(server=ExternalMcpServer(auth_type="none")) is None
+
+
+def test_every_stored_secret_is_reencrypted_connections_and_oauth_included(admin, member, settings):
+    """Connections (tokens, members' own secrets), registered OAuth clients, pending authorizations
+    and queued revocations are secrets too: one rotation covers them all."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from external_mcp import connections, crypto
+    from external_mcp.models import Connection, OAuthClient, OAuthPending, OAuthRevocation
+
+    settings.TWINMCP_ENCRYPTION_KEYS = [key_a := new_key()]
+    oauth = services.server_create(workspace=admin.workspace, actor=admin.user, name="o",
+                                   base_url="https://93.184.215.14/mcp", auth_type="oauth2")
+    own = services.server_create(workspace=admin.workspace, actor=admin.user, name="p",
+                                 base_url="https://93.184.215.15/mcp", auth_type="bearer", credential_mode="per_user")
+    connections.connection_save_tokens(server=oauth, user=admin.user, own=False, access_token="access-1",
+                                       refresh_token="refresh-1", expires_at=None, scope="mcp")
+    connections.connection_save_secret(server=own, user=member.user, credentials={"token": "member-token"})
+    client = OAuthClient(server=oauth, issuer="https://as.example", resource="https://93.184.215.14/mcp",
+                         metadata={}, key_id=crypto.current_key_id())
+    client.registration = crypto.encrypt(b'{"client_id": "c"}', context=client.context)
+    client.save()
+    pending = OAuthPending(state_hash="h" * 64, server=oauth, user=admin.user, own=False,
+                           key_id=crypto.current_key_id(), expires_at=timezone.now() + timedelta(minutes=5))
+    pending.verifier = crypto.encrypt(b"verifier", context=pending.context)
+    pending.save()
+    revocation = OAuthRevocation(key_id=crypto.current_key_id())
+    revocation.ciphertext = crypto.encrypt_json({"tokens": []}, context=revocation.context)
+    revocation.save()
+    settings.TWINMCP_ENCRYPTION_KEYS = [key_b := new_key(), key_a]
+    assert rotate() == "re-encrypted 5 credential(s); 0 still use an old key"  # oauth2 with no client: no credential
+    settings.TWINMCP_ENCRYPTION_KEYS = [key_b]
+    payloads = {crypto.decrypt_json(row.ciphertext, context=row.context)["access_token" if row.user_id is None
+                                                                          else "token"]
+                for row in Connection.objects.all()}
+    assert payloads == {"access-1", "member-token"}
+    client.refresh_from_db()
+    pending.refresh_from_db()
+    revocation.refresh_from_db()
+    assert crypto.decrypt(client.registration, context=client.context) == b'{"client_id": "c"}'
+    assert crypto.decrypt(pending.verifier, context=pending.context) == b"verifier"
+    assert crypto.decrypt_json(revocation.ciphertext, context=revocation.context) == {"tokens": []}

@@ -72,7 +72,7 @@ def test_loopback_refused_unless_allowed(admin, flag_on, settings):
         ("api_key", {"header": "X-Key"}, "credentials.value"),
         ("mtls", {"client_cert_pem": "x"}, "credentials.client_key_pem"),
         ("none", {"token": "x"}, "credentials"),
-        ("oauth2", {"token": "x"}, "auth_type"),
+        ("oauth2", {"token": "x"}, "credentials.token"),
         ("magic", None, "auth_type"),
     ],
 )

@@ -13,6 +13,7 @@ import ipaddress
 import os
 from collections.abc import Callable
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 T = TypeVar("T")
 
@@ -107,6 +108,17 @@ def _keys(raw: str) -> list[str]:
 
 def string(name: str, default: str = "") -> str:
     return _raw(name) or default
+
+
+def public_url(name: str, default: str) -> str:
+    """The absolute http(s) URL people and servers reach TwinMCP at, without a trailing slash."""
+    def parse(raw: str) -> str:
+        parts = urlsplit(raw.strip())
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+            raise ValueError("expected an absolute http(s) URL without query or fragment, e.g. https://twinmcp.example")
+        return raw.strip().rstrip("/")
+
+    return _read(name, default, parse)
 
 
 def integer(name: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:

@@ -167,7 +167,6 @@ SPECTACULAR_SETTINGS = {
     "COMPONENT_SPLIT_REQUEST": True,
     "ENUM_NAME_OVERRIDES": {
         "AuthTypeEnum": "external_mcp.choices.AuthType",
-        "SupportedAuthTypeEnum": "external_mcp.choices.SUPPORTED_AUTH_TYPE_CHOICES",
         "ServerStatusEnum": "external_mcp.choices.ServerStatus",
     },
 }
@@ -203,6 +202,11 @@ CELERY_BEAT_SCHEDULE: dict[str, dict] = {
     },
     "external-mcp-email-sweep": {
         "task": "external_mcp.tasks.email_sweep",
+        "schedule": float(EXTERNAL_MCP_EMAIL_SWEEP_SECONDS),
+    },
+    # OAuth tokens to revoke whose first attempt failed (external_mcp.oauth.revocation).
+    "external-mcp-revocations": {
+        "task": "external_mcp.tasks.send_revocations",
         "schedule": float(EXTERNAL_MCP_EMAIL_SWEEP_SECONDS),
     },
     # Usage (issue 6): finalise finished days (and any missed), refresh today's partial aggregates.
@@ -294,6 +298,11 @@ EXTERNAL_MCP_SESSION_IDLE_SECONDS = config.integer("EXTERNAL_MCP_SESSION_IDLE_SE
 
 TWINMCP_API_KEY_TOUCH_SECONDS = config.integer("TWINMCP_API_KEY_TOUCH_SECONDS", 300)
 TWINMCP_UPGRADE_URL = config.string("TWINMCP_UPGRADE_URL", "/billing/upgrade/")
+# Where browsers and authorization servers reach TwinMCP: OAuth sends admins back to
+# <TWINMCP_PUBLIC_URL>/oauth/callback, and errors tell agents where to connect an account.
+TWINMCP_PUBLIC_URL = config.public_url("TWINMCP_PUBLIC_URL", "http://127.0.0.1:8000")
+# How long an OAuth authorization an admin started may take to come back (its state is single-use).
+EXTERNAL_MCP_OAUTH_STATE_SECONDS = config.integer("EXTERNAL_MCP_OAUTH_STATE_SECONDS", 600, minimum=60, maximum=3600)
 
 # Content-Security-Policy (twinmcp.csp): own assets only, no inline script or style, no eval.
 TWINMCP_CSP = (

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from django.conf import settings
+from mcp_types import URL_ELICITATION_REQUIRED
 
 from external_mcp.proxy_cache import ServerInfo
 from usage.models import Outcome
@@ -63,3 +65,13 @@ def connection_failed(server: ServerInfo, exc: BaseException) -> ProxyError:
 
 def client_disconnected(message: str = "Client disconnected.") -> ProxyError:
     return ProxyError(499, -32000, message, outcome=Outcome.CLIENT_DISCONNECT)
+
+
+def connection_needed(server: ServerInfo, exc: BaseException | str) -> ProxyError:
+    """No account to call ``server`` with: the message says where to connect one, and agents that
+    support URL-mode elicitation (2025-11-25) get that page as an elicitation to open."""
+    message = str(exc)
+    url = getattr(exc, "url", "") or f"{settings.TWINMCP_PUBLIC_URL}/servers/{server.id}/"
+    elicitation = {"mode": "url", "message": message, "url": url, "elicitationId": f"twinmcp-connect-{uuid.uuid4()}"}
+    return ProxyError(403, URL_ELICITATION_REQUIRED, message, outcome=Outcome.UPSTREAM_ERROR,
+                      error_class="needs_connection", data={"elicitations": [elicitation]})

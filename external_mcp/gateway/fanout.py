@@ -60,7 +60,8 @@ def _exposed(member: Member, original: str, name_key: str) -> str:
 async def _member_list(call: Call, agent: Agent, key: KeyInfo, member: Member,
                        message: dict[str, Any]) -> list[Any]:
     server = await get_server(member.id, key)
-    if server is None or not server.flag_on or server.disabled or server.credential_error:
+    if (server is None or not server.flag_on or server.disabled or server.credential_error
+            or server.connection_needed):
         return []
     field = LISTS[message["method"]][1]
     entries: list[Any] = []

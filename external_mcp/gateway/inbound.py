@@ -13,7 +13,7 @@ from django.http.request import split_domain_port, validate_host
 from mcp.shared.inbound import decode_header_value
 
 from external_mcp.gateway.call import Call, Receive
-from external_mcp.gateway.errors import ProxyError, client_disconnected
+from external_mcp.gateway.errors import ProxyError, client_disconnected, connection_needed
 from external_mcp.jsonrpc import InvalidMessage, is_request, messages_of
 from external_mcp.proxy_cache import ApiKeyError, KeyInfo, ServerInfo, get_key, get_server, tool_refusal
 from twinmcp.apikeys import parse_authorization
@@ -79,6 +79,8 @@ async def load_server(call: Call, server_id: uuid.UUID, key: KeyInfo) -> ServerI
     if server.disabled:
         raise ProxyError(503, -32003, f"The MCP server {server.name!r} is disabled by a workspace admin.",
                          outcome=Outcome.UPSTREAM_ERROR, error_class="disabled")
+    if server.connection_needed:
+        raise connection_needed(server, server.connection_needed)
     if server.credential_error:
         raise ProxyError(502, -32004, f"TwinMCP cannot use the stored credentials of {server.name!r}: "
                          f"{server.credential_error}", outcome=Outcome.UPSTREAM_ERROR, error_class="credentials")

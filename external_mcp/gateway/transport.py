@@ -12,8 +12,16 @@ from django.conf import settings
 
 from external_mcp import urlpolicy
 from external_mcp.gateway.call import Call
-from external_mcp.gateway.errors import connection_failed, timed_out, too_large, truncated, upstream_error
+from external_mcp.gateway.errors import (
+    connection_failed,
+    connection_needed,
+    timed_out,
+    too_large,
+    truncated,
+    upstream_error,
+)
 from external_mcp.mcp_client import PolicyResolver
+from external_mcp.oauth.grants import ConnectionNeeded
 from external_mcp.oauth.tokens import TokenUnavailable
 from external_mcp.proxy_cache import ServerInfo
 
@@ -57,12 +65,15 @@ def upstream_headers(headers: dict[bytes, bytes], call: Call) -> dict[str, str]:
     return out
 
 
-async def token_headers(server: ServerInfo, *, fresh: bool = False) -> dict[str, str]:
-    """The headers carrying a token obtained for this request's server, if its scheme needs one."""
+async def token_headers(server: ServerInfo, *, refused: dict[str, str] | None = None) -> dict[str, str]:
+    """The headers carrying a token obtained for this request's server, if its scheme needs one;
+    ``refused``: the ones the upstream just answered 401 to."""
     if server.token_scheme is None:
         return {}
     try:
-        return await server.token_scheme.request_headers(upstream_session(), server.base_url, fresh=fresh)
+        return await server.token_scheme.request_headers(upstream_session(), server.base_url, refused=refused)
+    except ConnectionNeeded as exc:
+        raise connection_needed(server, exc) from None
     except TokenUnavailable as exc:
         raise upstream_error(server, 502, -32025, f"TwinMCP could not obtain an access token ({exc}); a workspace "
                              "admin must check the server's OAuth credentials.", "credentials") from None
@@ -80,7 +91,8 @@ async def send(call: Call, headers: dict[bytes, bytes]) -> aiohttp.ClientRespons
         timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(10.0, timeout_s))
     request_headers = upstream_headers(headers, call)
     session = upstream_session()
-    request_headers.update(await token_headers(server))
+    sent = await token_headers(server)
+    request_headers.update(sent)
     retried = renewed = False
     while True:
         try:
@@ -91,7 +103,8 @@ async def send(call: Call, headers: dict[bytes, bytes]) -> aiohttp.ClientRespons
             if response.status == 401 and server.token_scheme is not None and not renewed:
                 response.release()  # the token was revoked or expired early: one new token, one new try
                 renewed = True
-                request_headers.update(await token_headers(server, fresh=True))
+                sent = await token_headers(server, refused=sent)
+                request_headers.update(sent)
                 continue
             return response
         except aiohttp.ClientConnectorDNSError:

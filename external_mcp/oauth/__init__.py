@@ -1,5 +1,7 @@
-"""OAuth 2.1 for upstream MCP servers (the MCP authorization spec): discovery (``discovery.py``)
-and the token-endpoint calls (``client.py``); what uses them follows (docs/plans/oauth-upstreams.md).
+"""OAuth 2.1 for upstream MCP servers (the MCP authorization spec): discovery (``discovery.py``),
+the token-endpoint calls (``client.py``), the authorization-code flow (``flow.py``), connected
+accounts' tokens (``grants.py``), machine tokens (``tokens.py``) and revocation (``revocation.py``);
+docs/architecture.md tells how they fit.
 Every request goes through TwinMCP's own aiohttp session, so the URL policy applies to each
 document and endpoint an upstream names; the protocol rules come from the ``mcp`` SDK's models and
 helpers."""

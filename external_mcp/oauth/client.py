@@ -31,6 +31,7 @@ TIMEOUT = aiohttp.ClientTimeout(total=15, sock_connect=5)
 MAX_LIFETIME_SECONDS = 366 * 86400
 _HEADER_SAFE = re.compile(r"^[\x21-\x7e]{1,8192}$")
 PERMANENT_ERRORS = frozenset({"invalid_grant", "invalid_client", "unauthorized_client", "unsupported_grant_type",
+                              "invalid_target",
                               "invalid_scope", "invalid_request"})
 
 

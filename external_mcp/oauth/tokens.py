@@ -26,12 +26,16 @@ _inflight: dict[tuple[int, str], asyncio.Future[tuple[str, float | None]]] = {}
 class TokenUnavailable(Exception):
     """No token could be obtained; the message says why, for an admin (it names no secret)."""
 
+    error_class = "auth"
+    """How a health check that needed the token is recorded."""
+
 
 async def access_token(payload: dict[str, str], *, base_url: str, cache_key: str, session: aiohttp.ClientSession,
-                       fresh: bool = False) -> str:
-    """A token for the server at ``base_url``; ``fresh`` when the upstream refused the last one."""
+                       refused: str | None = None, fresh: bool = False) -> str:
+    """A token for the server at ``base_url``: a new one when ``fresh``, or when the one held is
+    ``refused`` (the upstream's 401 to it) or about to end."""
     held = _tokens.get(cache_key)
-    if held is not None and not fresh and (held[1] is None or held[1] > time.time()):
+    if held is not None and not fresh and held[0] != refused and (held[1] is None or held[1] > time.time()):
         return held[0]
     slot = (id(asyncio.get_running_loop()), cache_key)
     pending = _inflight.get(slot)

@@ -1,7 +1,9 @@
 """`make bench`: the same bounded load directly against an SDK upstream and through the
 gateway (real API key, Redis quota, usage events on PostgreSQL), at C = 1, 16 and 64, on two
 gateway paths: the per-server endpoint ``/api/v1/external-mcp/<server_id>/mcp`` (tool ``echo``)
-and the workspace endpoint ``/api/v1/external-mcp/mcp`` (the same tool as ``<prefix>__echo``).
+the workspace endpoint ``/api/v1/external-mcp/mcp`` (the same tool as ``<prefix>__echo``), and the
+per-server endpoint of a second server on the same upstream whose calls carry an OAuth access token
+of a connected account (``oauth``: the token comes from the per-process cache, as in production).
 Then ``tools/list`` on the workspace endpoint of a second workspace holding 1,000 approved tools
 across 20 servers that no upstream backs (``tests.bench.tools_list_bench``).
 
@@ -158,9 +160,10 @@ async def measure(direct_url: str, paths: dict[str, Target], headers: dict[str, 
     return row
 
 
-def setup_gateway_data(upstream_url: str) -> tuple[str, str, str]:
-    """Create a workspace, a free-plan user with a key, and the approved upstream. Returns the
-    server's id, the raw key and the echo tool's name on the workspace endpoint."""
+def setup_gateway_data(upstream_url: str) -> tuple[str, str, str, str]:
+    """Create a workspace, a free-plan user with a key, and the approved upstream twice (without
+    auth, and as an ``oauth2`` server with a connected account). Returns the servers' ids, the raw
+    key and the echo tool's name on the workspace endpoint."""
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "twinmcp.settings")
     import django
 
@@ -168,7 +171,7 @@ def setup_gateway_data(upstream_url: str) -> tuple[str, str, str]:
     from django.contrib.auth import get_user_model
     from django.core.management import call_command
 
-    from external_mcp import catalog, health, services
+    from external_mcp import catalog, connections, health, services
     from twinmcp import services as core
     from twinmcp.flags import flag_enable_for_workspace
 
@@ -186,7 +189,15 @@ def setup_gateway_data(upstream_url: str) -> tuple[str, str, str]:
     exposed = catalog.exposed_names_of(server).get("echo")
     if exposed is None:
         raise SystemExit("the upstream lists no echo tool")
-    return str(server.pk), raw, exposed
+    oauth = services.server_create(workspace=workspace, actor=user, name="bench-oauth", base_url=upstream_url,
+                                   auth_type="oauth2")
+    connections.connection_save_tokens(server=oauth, user=user, own=False, access_token="bench-access-token",
+                                       refresh_token=None, expires_at=None, scope="mcp")
+    result, oauth = health.check_now(oauth)
+    if not result.ok:
+        raise SystemExit(f"upstream check (oauth) failed: {result.error_message}")
+    catalog.tools_approve(server=oauth, actor=user, select_all=True)
+    return str(server.pk), str(oauth.pk), raw, exposed
 
 
 def main() -> None:
@@ -216,7 +227,7 @@ def main() -> None:
                                       cwd=ROOT, env=env, start_new_session=True))
         wait_port(up_port)
         upstream_url = f"http://127.0.0.1:{up_port}/mcp"
-        server_id, key, exposed = setup_gateway_data(upstream_url)
+        server_id, oauth_id, key, exposed = setup_gateway_data(upstream_url)
         list_key, list_tools, list_workspace = "", 0, None
         if args.list_requests > 0:
             list_key, list_tools, list_workspace = tools_list_bench.setup_listing_data(
@@ -232,7 +243,8 @@ def main() -> None:
                    "MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/call", "Mcp-Name": "echo"}
         with_key = {**headers, "Authorization": f"Bearer {key}"}
         paths = {"gateway": Target(f"{gateway_url}/{server_id}/mcp", "echo", with_key),
-                 "workspace": Target(f"{gateway_url}/mcp", exposed, {**with_key, "Mcp-Name": exposed})}
+                 "workspace": Target(f"{gateway_url}/mcp", exposed, {**with_key, "Mcp-Name": exposed}),
+                 "oauth": Target(f"{gateway_url}/{oauth_id}/mcp", "echo", with_key)}
         pids = family(gateway.pid)
         asyncio.run(measure(upstream_url, paths, headers, 4, 600, 1, pids))  # warm-up
         rows = [asyncio.run(measure(upstream_url, paths, headers, int(level), args.requests, args.rounds, pids))
@@ -268,7 +280,7 @@ def print_table(rows: list[dict], exposed: str = "") -> None:
           f"{'CPU ms/call':>11} {'p50 +ms':>8} {'rps ratio':>9} {'CPU vs gw':>9}")
     for row in rows:
         d, g = row["direct"], row["gateway"]
-        for name in ("direct", "gateway", "workspace"):
+        for name in ("direct", "gateway", "workspace", "oauth"):
             r = row.get(name)
             if r is None:
                 continue
@@ -276,7 +288,7 @@ def print_table(rows: list[dict], exposed: str = "") -> None:
             if name != "direct":
                 extra = (f"{r['cpu_ms_per_call']:>11.2f} {r['p50'] - d['p50']:>8.2f} "
                          f"{r['rps'] / d['rps']:>9.2f}")
-            if name == "workspace":
+            if name in ("workspace", "oauth"):
                 extra += f" {r['cpu_ms_per_call'] / g['cpu_ms_per_call']:>9.2f}"
             print(f"{row['concurrency']:>3} {name:<9} {r['p50']:>8.2f} {r['p95']:>8.2f} {r['p99']:>8.2f} "
                   f"{r['rps']:>8.0f} {r['errors']:>6} {extra}")
@@ -287,6 +299,11 @@ def print_table(rows: list[dict], exposed: str = "") -> None:
                            for row in rows)
         print(f"gateway = per-server endpoint (tool echo); workspace = /api/v1/external-mcp/mcp (tool {exposed}).\n"
               f"workspace CPU per call vs per-server (target <= 1.10): {ratios}")
+    if any("oauth" in row for row in rows):
+        ratios = ", ".join(f"C = {row['concurrency']}: "
+                           f"{row['oauth']['cpu_ms_per_call'] / row['gateway']['cpu_ms_per_call']:.2f}" for row in rows)
+        print(f"oauth = per-server endpoint of an oauth2 server (connected account); CPU per call vs per-server "
+              f"without auth: {ratios}")
 
 
 if __name__ == "__main__":
