@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from typing import Any
+from urllib.parse import urlsplit
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -14,6 +15,7 @@ from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
+from django_htmx.http import HttpResponseClientRedirect
 
 from external_mcp import connections
 from external_mcp.choices import AuthType
@@ -33,15 +35,25 @@ def _back(server: ExternalMcpServer) -> HttpResponseRedirect:
 @login_required
 @require_POST
 def server_connect(request: HttpRequest, server_id: Any) -> HttpResponse:
-    """Off to the authorization server: the admin (or the member, per-user) signs in there."""
+    """Off to the authorization server: the admin (or the member, per-user) signs in there.
+
+    Not a 302 answering the form: the pages' CSP (``form-action 'self'``) applies to a form's
+    redirects, so a browser would stay here. htmx navigates itself (``HX-Redirect``); without
+    script, a page names where the browser goes and links there."""
     require_external_mcp_page(request)
     server = _get_server(request, server_id)
     try:
         url = flow.authorization_start(server=server, user=request.user)
     except flow.AuthorizationFailed as exc:
         messages.error(request, str(exc))
+        if request.htmx:
+            return HttpResponseClientRedirect(reverse("external_mcp-ui-server", args=[server.pk]) + SECTION)
         return _back(server)
-    return HttpResponseRedirect(url)
+    if request.htmx:
+        return HttpResponseClientRedirect(url)
+    parts = urlsplit(url)
+    return render(request, "external_mcp/oauth_continue.html",
+                  {"server": server, "url": url, "origin": f"{parts.scheme}://{parts.netloc}"})
 
 
 @login_required

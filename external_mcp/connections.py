@@ -45,7 +45,7 @@ def checks_use(server: ExternalMcpServer) -> Connection | None:
                                      state=ConnectionState.ACTIVE).first()
 
 
-def _save(*, server: ExternalMcpServer, user: Any, own: bool, payload: dict[str, str],
+def _save(*, server: ExternalMcpServer, user: Any, own: bool, payload: dict[str, Any],
           values: dict[str, Any]) -> Connection:
     """Create or replace the connection; the tokens it replaces are revoked."""
     owner_id = user.pk if own else None
@@ -75,8 +75,14 @@ def _save(*, server: ExternalMcpServer, user: Any, own: bool, payload: dict[str,
 
 @transaction.atomic
 def connection_save_tokens(*, server: ExternalMcpServer, user: AbstractBaseUser, own: bool, access_token: str,
-                           refresh_token: str | None, expires_at: Any, scope: str, subject: str = "") -> Connection:
-    payload = {"access_token": access_token, **({"refresh_token": refresh_token} if refresh_token else {})}
+                           refresh_token: str | None, expires_at: Any, scope: str, subject: str = "",
+                           client: dict[str, Any] | None = None) -> Connection:
+    """``client``: the client TwinMCP registered and obtained the grant as; it is kept with the
+    tokens because the grant is only renewed or revoked as that client (a later Connect may
+    register another)."""
+    payload: dict[str, Any] = {"access_token": access_token,
+                               **({"refresh_token": refresh_token} if refresh_token else {}),
+                               **({"client": client} if client else {})}
     return _save(server=server, user=user, own=own, payload=payload,
                  values={"expires_at": expires_at, "scope": scope[:1000], "subject": subject[:200]})
 
@@ -178,15 +184,19 @@ class Panel:
     """Admins only: every connection but ``mine``."""
     checks_as: str
     can_connect: bool
+    sign_in_at: str
+    """The authorization server Connect sends the browser to, once known."""
 
 
 def panel(*, server: ExternalMcpServer, viewer: Any, can_admin: bool) -> Panel:
     if not server.connects:
-        return Panel(needed=False, oauth=False, own=False, mine=None, others=[], checks_as="", can_connect=False)
+        return Panel(needed=False, oauth=False, own=False, mine=None, others=[], checks_as="", can_connect=False,
+                     sign_in_at="")
     rows = list(server.connections.select_related("user", "connected_by").order_by("connected_at"))
     owner_id = viewer.pk if server.per_user else None
     mine = next((row for row in rows if row.user_id == owner_id), None)
     others = [row for row in rows if row is not mine] if can_admin else []
     checks_as = server.check_as.get_username() if server.per_user and server.check_as_id else ""
+    found = OAuthClient.objects.filter(server=server).values_list("issuer", flat=True).first()
     return Panel(needed=True, oauth=server.auth_type == AuthType.OAUTH2, own=server.per_user, mine=mine,
-                 others=others, checks_as=checks_as, can_connect=server.per_user or can_admin)
+                 others=others, checks_as=checks_as, can_connect=server.per_user or can_admin, sign_in_at=found or "")

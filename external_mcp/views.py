@@ -330,6 +330,10 @@ def server_add(request: HttpRequest) -> HttpResponse:
         except LimitReached as exc:
             form.add_error(None, str(exc))
         else:
+            if server.connects:  # nothing to test before an account is connected
+                messages.success(request, f"Server {server.name} added. Connect "
+                                 f"{'your own' if server.per_user else 'its'} account below to discover its tools.")
+                return redirect(reverse("external_mcp-ui-server", args=[server.pk]) + "#connection")
             messages.success(request, f"Server {server.name} added. Test the connection to discover its tools.")
             return redirect(reverse("external_mcp-ui-server-edit", args=[server.pk]) + "#tests")
     return _form_page(request, server=None, form=form, cred_form=cred_form, status=400)

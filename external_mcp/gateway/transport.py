@@ -75,8 +75,10 @@ async def token_headers(server: ServerInfo, *, refused: dict[str, str] | None = 
     except ConnectionNeeded as exc:
         raise connection_needed(server, exc) from None
     except TokenUnavailable as exc:
-        raise upstream_error(server, 502, -32025, f"TwinMCP could not obtain an access token ({exc}); a workspace "
-                             "admin must check the server's OAuth credentials.", "credentials") from None
+        then = ("try again shortly" if exc.passing
+                else "a workspace admin must check the server's OAuth credentials")
+        raise upstream_error(server, 502, -32025, f"TwinMCP could not obtain an access token ({exc}); {then}.",
+                             "credentials") from None
 
 
 async def send(call: Call, headers: dict[bytes, bytes]) -> aiohttp.ClientResponse:

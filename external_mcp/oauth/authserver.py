@@ -6,6 +6,7 @@ then, never to one an upstream names at call time."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from mcp.shared.auth import OAuthClientInformationFull, OAuthMetadata
 from pydantic import ValidationError
@@ -50,6 +51,13 @@ def registered_client(row: OAuthClient) -> OAuthClientInformationFull | None:
         return None
 
 
+def _granted_to(grant: dict[str, Any] | None) -> OAuthClientInformationFull | None:
+    try:
+        return OAuthClientInformationFull.model_validate(grant["client"]) if grant and grant.get("client") else None
+    except ValidationError:
+        return None
+
+
 def stored_metadata(row: OAuthClient) -> OAuthMetadata | None:
     try:
         return OAuthMetadata.model_validate(row.metadata)
@@ -57,8 +65,10 @@ def stored_metadata(row: OAuthClient) -> OAuthMetadata | None:
         return None
 
 
-def auth_server_of(server: ExternalMcpServer) -> AuthServer | None:
-    """None when nothing was discovered yet or the stored client cannot be read any more."""
+def auth_server_of(server: ExternalMcpServer, grant: dict[str, Any] | None = None) -> AuthServer | None:
+    """Where and as which client to renew or revoke a grant: the client stored with the grant's
+    tokens when TwinMCP registered it, else the one entered. None when nothing was discovered yet
+    or the client cannot be read any more."""
     row = OAuthClient.objects.filter(server=server).first()
     if row is None or (metadata := stored_metadata(row)) is None:
         return None
@@ -67,7 +77,7 @@ def auth_server_of(server: ExternalMcpServer) -> AuthServer | None:
         payload = crypto.decrypt_json(credential.ciphertext, context=str(server.pk)) if credential else {}
     except crypto.DecryptionError:
         return None
-    client = entered_client(payload, metadata, row.auth_method) or registered_client(row)
+    client = entered_client(payload, metadata, row.auth_method) or _granted_to(grant) or registered_client(row)
     return None if client is None else AuthServer(metadata=metadata, client=client, resource=row.resource)
 
 

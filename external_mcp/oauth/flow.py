@@ -20,13 +20,14 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.exceptions import PermissionDenied
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 from mcp.client.auth.exceptions import OAuthFlowError
 from mcp.client.auth.oauth2 import PKCEParameters
 from mcp.client.auth.utils import validate_authorization_response_iss
 from mcp.shared.auth import OAuthClientInformationFull
 
-from external_mcp import crypto, mcp_client
+from external_mcp import crypto, mcp_client, urlpolicy
 from external_mcp.choices import AuthType
 from external_mcp.connections import connection_save_tokens, is_admin
 from external_mcp.models import Connection, ExternalMcpServer, OAuthClient, OAuthPending
@@ -76,7 +77,16 @@ def authorization_start(*, server: ExternalMcpServer, user: AbstractBaseUser) ->
     except CredentialUnavailable as exc:
         raise AuthorizationFailed(str(exc), server=server, status=400, field="credentials") from None
     known = OAuthClient.objects.filter(server=server).first()
-    found, client, registered = asyncio.run(_prepare(server.base_url, payload, known))
+    # An earlier Connect of this user that never came back may have failed at the authorization
+    # server because it forgot TwinMCP's client (servers restart, registrations expire): register
+    # again rather than send them back to the same dead end.
+    abandoned = OAuthPending.objects.filter(server=server, user=user).exists()
+    found, client, registered = asyncio.run(_prepare(server.base_url, payload, None if abandoned else known))
+    try:  # the admin's browser goes there: a scheme the policy refuses (http outside make run) is not followed
+        urlpolicy.validate_url(str(found.metadata.authorization_endpoint), resolve=False)
+    except urlpolicy.UrlPolicyError as exc:
+        raise AuthorizationFailed(f"The authorization server's sign-in page is refused by the URL policy ({exc}).",
+                                  server=server) from None
     pkce, state = PKCEParameters.generate(), secrets.token_urlsafe(32)
     scope = payload.get("scopes") or found.scope or ""
     with transaction.atomic():
@@ -88,11 +98,13 @@ def authorization_start(*, server: ExternalMcpServer, user: AbstractBaseUser) ->
                                                     context=f"oauth-client:{server.pk}")
             values["key_id"] = crypto.current_key_id()
         OAuthClient.objects.update_or_create(server=server, defaults=values)
-        OAuthPending.objects.filter(expires_at__lt=timezone.now()).delete()
+        OAuthPending.objects.filter(Q(expires_at__lt=timezone.now()) | Q(server=server, user=user)).delete()
         pending = OAuthPending(state_hash=_state_hash(state), server=server, user=user, own=own,
                                key_id=crypto.current_key_id(),
                                expires_at=timezone.now() + timedelta(seconds=settings.EXTERNAL_MCP_OAUTH_STATE_SECONDS))
-        pending.verifier = crypto.encrypt(pkce.code_verifier.encode(), context=pending.context)
+        # The client goes with the verifier: the code is bound to it, whatever a later Connect registers.
+        pending.verifier = crypto.encrypt_json({"verifier": pkce.code_verifier, "client": None if payload.get(
+            "client_id") else client.model_dump(mode="json", exclude_none=True)}, context=pending.context)
         pending.save()
     return oauth.authorization_url(found.metadata, client_id=client.client_id, redirect_uri=redirect_uri(),
                                    state=state, code_challenge=pkce.code_challenge, resource=found.resource,
@@ -161,12 +173,13 @@ def authorization_finish(*, user: AbstractBaseUser, params: dict[str, str]) -> F
         raise AuthorizationFailed("The answer does not come from the authorization server TwinMCP sent you to "
                                   "(RFC 9207 iss check): refused. Start again.", server=server) from None
     payload = credentials_payload(server=server) or {}
+    started = crypto.decrypt_json(pending.verifier, context=pending.context)
     entered = entered_client(payload, metadata, known.auth_method)
-    client = entered or registered_client(known)
+    client = entered or (OAuthClientInformationFull.model_validate(started["client"]) if started["client"] else None)
     if client is None:
-        raise AuthorizationFailed("TwinMCP's client at the authorization server is unknown: start again.",
+        raise AuthorizationFailed("The client id entered for this server was removed meanwhile: start again.",
                                   server=server)
-    verifier = crypto.decrypt(pending.verifier, context=pending.context).decode()
+    verifier = started["verifier"]
     try:
         tokens, client = asyncio.run(_exchange(metadata, client, code, verifier, known.resource,
                                                retry_other_method=entered is not None))
@@ -176,6 +189,7 @@ def authorization_finish(*, user: AbstractBaseUser, params: dict[str, str]) -> F
         OAuthClient.objects.filter(pk=known.pk).update(auth_method=client.token_endpoint_auth_method or "")
     connection = connection_save_tokens(
         server=server, user=user, own=pending.own, access_token=tokens.access_token,
+        client=None if entered else client.model_dump(mode="json", exclude_none=True),
         refresh_token=tokens.refresh_token, scope=tokens.scope or known.scope,
         expires_at=None if tokens.expires_at is None else datetime.fromtimestamp(tokens.expires_at, tz=UTC))
     return Finished(server=server, connection=connection)

@@ -68,7 +68,7 @@ class Grant:
         return self.renew_at is None or self.renew_at > now
 
     @classmethod
-    def of(cls, row: Connection, payload: dict[str, str]) -> Grant:
+    def of(cls, row: Connection, payload: dict[str, Any]) -> Grant:
         return cls(connection_id=row.pk, server_id=row.server_id, server_name=row.server.name,
                    access_token=payload["access_token"],
                    renew_at=_renew_at(row.expires_at, row.refreshed_at or row.connected_at),
@@ -134,7 +134,7 @@ def _renew_locked(seen: Grant) -> Grant | TokenUnavailable:
     payload = crypto.decrypt_json(row.ciphertext, context=row.context)
     if row.version != seen.version:
         return Grant.of(row, payload)
-    place = auth_server_of(row.server)
+    place = auth_server_of(row.server, payload)
     refresh_token = payload.get("refresh_token")
     if place is None or not refresh_token:
         connection_needs_reauth(connection=row, reason="The access token ended and the authorization server gave no "
@@ -145,10 +145,10 @@ def _renew_locked(seen: Grant) -> Grant | TokenUnavailable:
     except oauth.TokenRefused as exc:
         if not exc.permanent:
             Connection.objects.filter(pk=row.pk).update(last_error=str(exc)[:2000])
-            return TokenUnavailable(str(exc))
+            return TokenUnavailable(str(exc), passing=True)
         connection_needs_reauth(connection=row, reason=str(exc))
         return _needs_reauth(row)
-    return Grant.of(connection_tokens_save(row=row, tokens=tokens), _payload(tokens))
+    return Grant.of(connection_tokens_save(row=row, tokens=tokens, previous=payload), _payload(tokens, payload))
 
 
 async def _refresh(place: AuthServer, refresh_token: str) -> oauth.Tokens:
@@ -157,16 +157,18 @@ async def _refresh(place: AuthServer, refresh_token: str) -> oauth.Tokens:
                                    resource=place.resource)
 
 
-def _payload(tokens: oauth.Tokens) -> dict[str, str]:
-    payload = {"access_token": tokens.access_token}
+def _payload(tokens: oauth.Tokens, previous: dict[str, Any]) -> dict[str, Any]:
+    payload: dict[str, Any] = {"access_token": tokens.access_token}
     if tokens.refresh_token:
         payload["refresh_token"] = tokens.refresh_token
+    if previous.get("client"):
+        payload["client"] = previous["client"]
     return payload
 
 
-def connection_tokens_save(*, row: Connection, tokens: oauth.Tokens) -> Connection:
+def connection_tokens_save(*, row: Connection, tokens: oauth.Tokens, previous: dict[str, Any]) -> Connection:
     """Store renewed tokens on a locked row, as the next version."""
-    payload = _payload(tokens)
+    payload = _payload(tokens, previous)
     row.ciphertext = crypto.encrypt_json(payload, context=row.context)
     row.key_id = crypto.current_key_id()
     row.fingerprint = crypto.fingerprint(payload)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.db import transaction
 from django.utils import timezone
@@ -31,10 +32,10 @@ BACKOFF_MAX = timedelta(hours=6)
 BATCH = 100
 
 
-def revocation_queue(*, server: ExternalMcpServer, payload: dict[str, str]) -> OAuthRevocation | None:
+def revocation_queue(*, server: ExternalMcpServer, payload: dict[str, Any]) -> OAuthRevocation | None:
     """Inside the transaction that drops ``payload``'s tokens; None when the authorization server
     offers no revocation (or was never found)."""
-    place = auth_server_of(server)
+    place = auth_server_of(server, payload)
     if place is None or place.metadata.revocation_endpoint is None:
         return None
     tokens = [(payload[name], name) for name in ("refresh_token", "access_token") if payload.get(name)]

@@ -24,10 +24,15 @@ _inflight: dict[tuple[int, str], asyncio.Future[tuple[str, float | None]]] = {}
 
 
 class TokenUnavailable(Exception):
-    """No token could be obtained; the message says why, for an admin (it names no secret)."""
+    """No token could be obtained; the message says why, for an admin (it names no secret).
+    ``passing``: the authorization server may give one later (it is down or busy)."""
 
     error_class = "auth"
     """How a health check that needed the token is recorded."""
+
+    def __init__(self, message: str, *, passing: bool = False) -> None:
+        super().__init__(message)
+        self.passing = passing
 
 
 async def access_token(payload: dict[str, str], *, base_url: str, cache_key: str, session: aiohttp.ClientSession,
@@ -61,7 +66,7 @@ async def _fetch(payload: dict[str, str], base_url: str, session: aiohttp.Client
         tokens = await oauth.client_credentials(session, token_endpoint, client, resource=resource,
                                                 scope=payload.get("scope") or None)
     except oauth.TokenRefused as exc:
-        raise TokenUnavailable(f"The authorization server gave no token: {exc}") from None
+        raise TokenUnavailable(f"The authorization server gave no token: {exc}", passing=not exc.permanent) from None
     if tokens.expires_at is None:
         return tokens.access_token, None
     lifetime = tokens.expires_at - time.time()
