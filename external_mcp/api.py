@@ -177,11 +177,11 @@ class ServerOwnConnection(ExternalMcpView):
     @extend_schema(request=OwnConnectionSerializer, responses=ConnectionSerializer)
     def put(self, request: Request, server_id: Any) -> Response:
         server = self.get_server(server_id)
+        form = OwnConnectionSerializer(data=request.data)
+        form.is_valid(raise_exception=True)
         if not server.per_user or server.auth_type == AuthType.OAUTH2:
             raise ValidationError({"credentials": ["This server takes no secret per member"
                                                    + (": connect with oauth/start/." if server.per_user else ".")]})
-        form = OwnConnectionSerializer(data=request.data)
-        form.is_valid(raise_exception=True)
         row = connections.connection_save_secret(server=server, user=request.user,
                                                  credentials=form.validated_data["credentials"])
         return Response(ConnectionSerializer(row).data)

@@ -35,6 +35,8 @@ def run_check(**env: str) -> subprocess.CompletedProcess[str]:
         ("EXTERNAL_MCP_FREE_DAILY_LIMIT", "-5", "expected a number >= 0"),
         ("EXTERNAL_MCP_ALLOWED_PROTOCOLS", "ftp", "unsupported protocol ftp"),
         ("EXTERNAL_MCP_ALLOWED_NETWORKS", "10.0.0.0/33", "not a CIDR network"),
+        ("TWINMCP_PUBLIC_URL", "twinmcp.example.com", "expected an absolute http(s) URL"),
+        ("TWINMCP_PUBLIC_URL", "https://twinmcp.example.com/?x=1", "without query or fragment"),
         ("TWINMCP_ENCRYPTION_KEYS", "c2hvcnQ=", "must decode to 32 bytes"),
         ("TWINMCP_ENCRYPTION_KEYS", "not a key", "not valid URL-safe base64"),
         ("TWINMCP_ENCRYPTION_KEYS", f"{GOOD_KEY},%%%", "not valid URL-safe base64"),

@@ -81,7 +81,7 @@ def authorization_start(*, server: ExternalMcpServer, user: AbstractBaseUser) ->
     # server because it forgot TwinMCP's client (servers restart, registrations expire): register
     # again rather than send them back to the same dead end.
     abandoned = OAuthPending.objects.filter(server=server, user=user).exists()
-    found, client, registered = asyncio.run(_prepare(server.base_url, payload, None if abandoned else known))
+    found, client, registered = asyncio.run(_prepare(server.base_url, payload, known, reuse=not abandoned))
     try:  # the admin's browser goes there: a scheme the policy refuses (http outside make run) is not followed
         urlpolicy.validate_url(str(found.metadata.authorization_endpoint), resolve=False)
     except urlpolicy.UrlPolicyError as exc:
@@ -95,7 +95,7 @@ def authorization_start(*, server: ExternalMcpServer, user: AbstractBaseUser) ->
             "metadata": found.metadata.model_dump(mode="json", exclude_none=True), "redirect_uri": redirect_uri()}
         if registered:
             values["registration"] = crypto.encrypt(client.model_dump_json(exclude_none=True).encode(),
-                                                    context=f"oauth-client:{server.pk}")
+                                                    context=OAuthClient(server_id=server.pk).context)
             values["key_id"] = crypto.current_key_id()
         OAuthClient.objects.update_or_create(server=server, defaults=values)
         OAuthPending.objects.filter(Q(expires_at__lt=timezone.now()) | Q(server=server, user=user)).delete()
@@ -111,10 +111,11 @@ def authorization_start(*, server: ExternalMcpServer, user: AbstractBaseUser) ->
                                    scope=scope or None)
 
 
-async def _prepare(base_url: str, payload: dict[str, str],
-                   known: OAuthClient | None) -> tuple[Discovered, OAuthClientInformationFull, bool]:
+async def _prepare(base_url: str, payload: dict[str, str], known: OAuthClient | None, *,
+                   reuse: bool) -> tuple[Discovered, OAuthClientInformationFull, bool]:
     """What the server's metadata says now, and the client to use: the entered one, the one
-    registered before at the same issuer for the same callback, else a new registration."""
+    registered before at the same issuer for the same callback (when ``reuse``), else a new
+    registration."""
     async with mcp_client.new_session(limit=4) as session:
         try:
             found = await discover(session, base_url)
@@ -123,7 +124,7 @@ async def _prepare(base_url: str, payload: dict[str, str],
         entered = entered_client(payload, found.metadata, known.auth_method if known else "")
         if entered is not None:
             return found, entered, False
-        if known is not None and known.issuer == found.issuer and known.redirect_uri == redirect_uri():
+        if reuse and known is not None and known.issuer == found.issuer and known.redirect_uri == redirect_uri():
             stored = registered_client(known)
             if stored is not None:
                 return found, stored, False

@@ -5,6 +5,7 @@ these tests are skipped locally and fail in CI (``CI=true``)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -107,3 +108,30 @@ def screenshot(page, name: str) -> None:
             aside.write(page.screenshot(full_page=True))
         os.replace(aside.name, target)
     page.set_viewport_size(original)
+
+
+PASSWORD = "pw-browser-1"
+
+
+@pytest.fixture
+def people(django_user_model) -> dict[str, object]:
+    """A workspace with the feature on, alice its admin and bob a member (password ``PASSWORD``)."""
+    from twinmcp import services
+    from twinmcp.flags import flag_enable_for_workspace
+    from twinmcp.models import Role
+
+    workspace = services.workspace_create(slug="acme", name="Acme")
+    flag_enable_for_workspace(workspace=workspace)
+    alice = django_user_model.objects.create_user(username="alice", password=PASSWORD)
+    bob = django_user_model.objects.create_user(username="bob", password=PASSWORD)
+    services.member_add(workspace=workspace, user=alice, role=Role.ADMIN)
+    services.member_add(workspace=workspace, user=bob, role=Role.MEMBER)
+    return {"workspace": workspace, "alice": alice, "bob": bob}
+
+
+def login(page, username: str) -> None:
+    page.goto("/accounts/login/")
+    page.get_by_label("Username").fill(username)
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Log in").click()
+    page.wait_for_url(re.compile(r"/$"))

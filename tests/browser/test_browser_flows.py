@@ -20,35 +20,15 @@ from django.utils import timezone
 from external_mcp import catalog, health
 from external_mcp.models import ExternalMcpServer, ExternalMcpTool, Notification
 from tests import mcp_peers
-from tests.browser.conftest import screenshot
+from tests.browser.conftest import login, screenshot
 from twinmcp import services
-from twinmcp.flags import flag_enable_for_workspace
-from twinmcp.models import Role
 from usage.limiter import get_limiter
 from usage.models import UsageEvent
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-PASSWORD = "pw-browser-Flows-1"
 
 
-@pytest.fixture
-def people(django_user_model):
-    workspace = services.workspace_create(slug="acme", name="Acme")
-    flag_enable_for_workspace(workspace=workspace)
-    alice = django_user_model.objects.create_user(username="alice", password=PASSWORD)
-    bob = django_user_model.objects.create_user(username="bob", password=PASSWORD)
-    services.member_add(workspace=workspace, user=alice, role=Role.ADMIN)
-    services.member_add(workspace=workspace, user=bob, role=Role.MEMBER)
-    return {"workspace": workspace, "alice": alice, "bob": bob}
-
-
-def login(page, username: str) -> None:
-    page.goto("/accounts/login/")
-    page.get_by_label("Username").fill(username)
-    page.get_by_label("Password").fill(PASSWORD)
-    page.get_by_role("button", name="Log in").click()
-    page.wait_for_url(re.compile(r"/$"))
 
 
 def in_thread(fn, *args):

@@ -23,31 +23,21 @@ from django.conf import settings
 from external_mcp import crypto
 from external_mcp.choices import ServerStatus
 from external_mcp.models import Connection, ExternalMcpServer, ExternalMcpTool
-from tests.browser.conftest import screenshot
+from tests.browser.conftest import login, screenshot
 from tests.mcp_peers import LOOPBACK
 from tests.oauth_dot import dot_as, dot_protected_peer
 from tests.oauth_peers import oauth_peer
-from twinmcp import services
-from twinmcp.flags import flag_enable_for_workspace
-from twinmcp.models import Role
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-PASSWORD = "pw-browser-OAuth-1"
 SERVER_PAGE = re.compile(r"/servers/[0-9a-f-]{36}/#connection$")
 
 
-@pytest.fixture
-def people(django_user_model, settings, live_server):
-    # Where the authorization server sends the browser back: this test's live server.
+@pytest.fixture(autouse=True)
+def _public_url(settings, live_server) -> None:
+    """Where the authorization server sends the browser back: this test's live server."""
     settings.TWINMCP_PUBLIC_URL = live_server.url.rstrip("/")
-    workspace = services.workspace_create(slug="acme", name="Acme")
-    flag_enable_for_workspace(workspace=workspace)
-    alice = django_user_model.objects.create_user(username="alice", password=PASSWORD)
-    bob = django_user_model.objects.create_user(username="bob", password=PASSWORD)
-    services.member_add(workspace=workspace, user=alice, role=Role.ADMIN)
-    services.member_add(workspace=workspace, user=bob, role=Role.MEMBER)
-    return {"workspace": workspace, "alice": alice, "bob": bob}
+
 
 
 @pytest.fixture
@@ -60,13 +50,6 @@ def expect():
     yield expect
     expect.set_options(timeout=None)  # back to Playwright's default
 
-
-def login(page, username: str) -> None:
-    page.goto("/accounts/login/")
-    page.get_by_label("Username").fill(username)
-    page.get_by_label("Password").fill(PASSWORD)
-    page.get_by_role("button", name="Log in").click()
-    page.wait_for_url(re.compile(r"/$"))
 
 
 def add_oauth_server(page, expect, *, name: str, url: str, per_user: bool = False, shot: str | None = None):
