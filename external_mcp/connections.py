@@ -45,13 +45,23 @@ def checks_use(server: ExternalMcpServer) -> Connection | None:
                                      state=ConnectionState.ACTIVE).first()
 
 
+def _revoke(server: ExternalMcpServer, row: Connection) -> None:
+    """Queue the revocation of a connection's OAuth tokens (a secret entered by hand has none; a
+    row no key can decrypt has nothing left to revoke)."""
+    try:
+        payload = crypto.decrypt_json(row.ciphertext, context=row.context)
+    except crypto.DecryptionError:
+        return
+    revocation_queue(server=server, payload=payload)
+
+
 def _save(*, server: ExternalMcpServer, user: Any, own: bool, payload: dict[str, Any],
           values: dict[str, Any]) -> Connection:
     """Create or replace the connection; the tokens it replaces are revoked."""
     owner_id = user.pk if own else None
     previous = Connection.objects.select_for_update().filter(server=server, user_id=owner_id).first()
-    if previous is not None and server.auth_type == AuthType.OAUTH2:
-        revocation_queue(server=server, payload=crypto.decrypt_json(previous.ciphertext, context=previous.context))
+    if previous is not None:
+        _revoke(server, previous)
     row = previous or Connection(server=server, user_id=owner_id)
     row.ciphertext = crypto.encrypt_json(payload, context=connection_context(server.pk, owner_id))
     row.key_id = crypto.current_key_id()
@@ -103,8 +113,7 @@ def connection_delete(*, connection: Connection, actor: AbstractBaseUser | None)
     row = Connection.objects.filter(pk=connection.pk).first()
     if row is None:
         return
-    if server.auth_type == AuthType.OAUTH2:
-        revocation_queue(server=server, payload=crypto.decrypt_json(row.ciphertext, context=row.context))
+    _revoke(server, row)
     row.delete()
     if server.per_user and server.check_as_id == row.user_id:
         server.check_as = None
@@ -128,14 +137,11 @@ def status_follow_auth(*, server: ExternalMcpServer, reason: str) -> None:
 
 def connections_drop(*, server: ExternalMcpServer) -> int:
     """Every connection and what was discovered, when the server changes what they were for (its
-    auth type, credential mode or origin); inside the caller's transaction."""
+    auth type, credential mode or origin); inside the caller's transaction, before the OAuth
+    client row goes (the revocations need it)."""
     rows = list(Connection.objects.filter(server=server))
-    if server.auth_type == AuthType.OAUTH2:
-        for row in rows:
-            try:
-                revocation_queue(server=server, payload=crypto.decrypt_json(row.ciphertext, context=row.context))
-            except crypto.DecryptionError:
-                continue
+    for row in rows:
+        _revoke(server, row)
     Connection.objects.filter(server=server).delete()
     OAuthClient.objects.filter(server=server).delete()
     server.check_as = None

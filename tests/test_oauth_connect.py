@@ -321,3 +321,17 @@ def test_members_enter_and_remove_their_own_secret_on_the_server_page(admin, mem
     assert 'id="member-connections"' in admin_page and "bob" in admin_page and "k-s3cr3t" not in admin_page
     assert removed.status_code == 302 and not Connection.objects.filter(server=server).exists()
     assert ExternalMcpServer.objects.get(pk=server.pk).status == ServerStatus.NEEDS_AUTH
+
+
+def test_changing_the_auth_type_drops_the_connection_and_revokes_its_tokens(admin):
+    with oauth_peer() as peer:
+        server = create(admin, peer)
+        connect(web(admin), server)
+        [refresh_token] = list(peer.provider.refresh)
+        changed = api(admin).patch(f"{SERVERS}{server.pk}/", {"auth_type": "bearer", "credentials": {"token": "t"}},
+                                   content_type="application/json")
+        sent = revocation.revocations_send()
+        revoked = list(peer.provider.revoked)
+    assert changed.status_code == 200 and changed.json()["status"] == ServerStatus.NEW
+    assert sent == 1 and revoked[0] == refresh_token
+    assert not Connection.objects.filter(server=server).exists()
