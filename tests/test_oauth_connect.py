@@ -335,3 +335,19 @@ def test_changing_the_auth_type_drops_the_connection_and_revokes_its_tokens(admi
     assert changed.status_code == 200 and changed.json()["status"] == ServerStatus.NEW
     assert sent == 1 and revoked[0] == refresh_token
     assert not Connection.objects.filter(server=server).exists()
+
+
+def test_a_token_the_server_stopped_accepting_early_is_renewed_on_the_workspace_endpoint_too(admin, gateway):
+    with oauth_peer() as peer:
+        server = create(admin, peer)
+        connect(web(admin), server)
+        server = approve(admin, server)
+        peer.provider.access.clear()  # the access token dies before its time; the grant lives on
+
+        async def through_the_workspace() -> str:
+            async with agent(f"{gateway.base}/api/v1/external-mcp/mcp", admin.raw_key) as mcp:
+                return (await mcp.call_tool("notes__echo", {"text": "renewed"})).content[0].text
+
+        answer = asyncio.run(through_the_workspace())
+        grants = dict(peer.token_requests)
+    assert answer == "renewed" and grants == {"authorization_code": 1, "refresh_token": 1}

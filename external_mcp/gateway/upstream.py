@@ -128,9 +128,17 @@ async def open_session(call: Call, agent: Agent, server: ServerInfo) -> Upstream
     capabilities = agent.record.capabilities if not agent.modern else {}
     initialize = {"jsonrpc": "2.0", "id": "twinmcp-initialize", "method": "initialize",
                   "params": {"protocolVersion": version, "capabilities": capabilities, "clientInfo": CLIENT_INFO}}
+    sent = await transport.token_headers(server)
     headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json",
-               **server.auth_headers, **await transport.token_headers(server), "X-Request-Id": call.request_id}
-    result, session_id = await _exchange(server, dumps(initialize), headers, "twinmcp-initialize")
+               **server.auth_headers, **sent, "X-Request-Id": call.request_id}
+    try:
+        result, session_id = await _exchange(server, dumps(initialize), headers, "twinmcp-initialize")
+    except ProxyError as exc:
+        if exc.error_class != "auth" or not sent:
+            raise
+        # The token was revoked or ended early: one new token, one new try (as tool calls do).
+        headers.update(await transport.token_headers(server, refused=sent))
+        result, session_id = await _exchange(server, dumps(initialize), headers, "twinmcp-initialize")
     negotiated = result.get("protocolVersion") if isinstance(result, dict) else None
     if not isinstance(negotiated, str) or negotiated not in HANDSHAKE_PROTOCOL_VERSIONS:
         raise _refused(server, "it offered no protocol version TwinMCP speaks")
