@@ -77,6 +77,13 @@ async def call(gateway: Any, server: ExternalMcpServer, key: str, tool: str = "w
         return (await mcp.call_tool(tool, arguments or {})).content[0].text
 
 
+def connected(admin: Any, peer: Any) -> ExternalMcpServer:
+    """An ``oauth2`` server whose workspace account the admin connected."""
+    server = create(admin, peer)
+    connect(web(admin), server)
+    return server
+
+
 def refusal(gateway: Any, server: ExternalMcpServer, key: str) -> Any:
     """The JSON-RPC error an agent gets for a call."""
     with pytest.raises(BaseExceptionGroup) as failed:
@@ -159,8 +166,7 @@ def test_the_callback_state_is_single_use_for_the_user_who_started_and_the_issue
 
 def test_a_revoked_grant_needs_reauthorization_once_and_agents_are_told_where_to_reconnect(admin, member, gateway):
     with oauth_peer() as peer:
-        server = create(admin, peer)
-        connect(web(admin), server)
+        server = connected(admin, peer)
         server = approve(admin, server)
         peer.revoke_grants()
         errors = [refusal(gateway, server, key) for key in (member.raw_key, admin.raw_key, member.raw_key)]
@@ -202,8 +208,7 @@ def test_per_user_servers_send_each_callers_own_account(admin, member, outsider,
 
 def test_disconnecting_revokes_the_tokens_at_the_authorization_server(admin):
     with oauth_peer() as peer:
-        server = create(admin, peer)
-        connect(web(admin), server)
+        server = connected(admin, peer)
         [refresh_token] = list(peer.provider.refresh)
         answer = web(admin).post(f"/servers/{server.pk}/disconnect/")
         queued = OAuthRevocation.objects.count()
@@ -217,8 +222,7 @@ def test_disconnecting_revokes_the_tokens_at_the_authorization_server(admin):
 
 def test_a_revocation_the_server_cannot_take_now_is_retried_later(admin):
     with oauth_peer() as peer:
-        server = create(admin, peer)
-        connect(web(admin), server)
+        server = connected(admin, peer)
         connections.connection_delete(connection=Connection.objects.get(server=server), actor=admin.user)
     row = OAuthRevocation.objects.get()  # the peer has stopped: nothing answers
     assert revocation.revocations_send() == 0
@@ -292,8 +296,7 @@ def test_without_dynamic_registration_an_admin_enters_the_client_registered_by_h
 
 def test_deleting_the_server_revokes_its_tokens(admin):
     with oauth_peer() as peer:
-        server = create(admin, peer)
-        connect(web(admin), server)
+        server = connected(admin, peer)
         [refresh_token] = list(peer.provider.refresh)
         deleted = api(admin).delete(f"{SERVERS}{server.pk}/")
         sent = revocation.revocations_send()
@@ -325,8 +328,7 @@ def test_members_enter_and_remove_their_own_secret_on_the_server_page(admin, mem
 
 def test_changing_the_auth_type_drops_the_connection_and_revokes_its_tokens(admin):
     with oauth_peer() as peer:
-        server = create(admin, peer)
-        connect(web(admin), server)
+        server = connected(admin, peer)
         [refresh_token] = list(peer.provider.refresh)
         changed = api(admin).patch(f"{SERVERS}{server.pk}/", {"auth_type": "bearer", "credentials": {"token": "t"}},
                                    content_type="application/json")
@@ -339,8 +341,7 @@ def test_changing_the_auth_type_drops_the_connection_and_revokes_its_tokens(admi
 
 def test_a_token_the_server_stopped_accepting_early_is_renewed_on_the_workspace_endpoint_too(admin, gateway):
     with oauth_peer() as peer:
-        server = create(admin, peer)
-        connect(web(admin), server)
+        server = connected(admin, peer)
         server = approve(admin, server)
         peer.provider.access.clear()  # the access token dies before its time; the grant lives on
 

@@ -20,7 +20,7 @@ from external_mcp.models import Connection
 from external_mcp.oauth import grants
 from tests.gateway import GatewayProcess
 from tests.oauth_peers import oauth_peer
-from tests.test_oauth_connect import approve, call, connect, create, refusal, web
+from tests.test_oauth_connect import approve, call, connected, refusal
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("proxy_settings", "flag_on")]
 
@@ -46,8 +46,7 @@ def waiting_on_a_lock() -> int:
 
 def test_a_worker_that_waited_for_the_lock_uses_the_token_the_first_one_obtained(admin):
     with oauth_peer() as peer:
-        server = create(admin, peer)
-        connect(web(admin), server)
+        server = connected(admin, peer)
         seen = grant_of(Connection.objects.get(server=server))
         gate = peer.hold_refreshes()
         with ThreadPoolExecutor(2) as pool:
@@ -68,8 +67,7 @@ def test_a_worker_that_waited_for_the_lock_uses_the_token_the_first_one_obtained
 
 def test_two_gateway_processes_refresh_an_expired_token_once(admin, member, redis_url):
     with oauth_peer() as peer:
-        server = create(admin, peer)
-        connect(web(admin), server)
+        server = connected(admin, peer)
         server = approve(admin, server)
         with GatewayProcess(redis_url=redis_url, workers=2) as gateway:
             peer.expire_access_tokens()
@@ -88,8 +86,7 @@ def test_two_gateway_processes_refresh_an_expired_token_once(admin, member, redi
 
 def test_a_token_about_to_end_is_renewed_before_it_is_sent(admin, gateway):
     with oauth_peer() as peer:
-        server = create(admin, peer)
-        connect(web(admin), server)
+        server = connected(admin, peer)
         server = approve(admin, server)
         now = timezone.now()  # an hour-long token with 30 s left: renewed a minute before it ends
         Connection.objects.filter(server=server).update(connected_at=now - timedelta(minutes=59, seconds=30),
@@ -104,8 +101,7 @@ def test_a_token_about_to_end_is_renewed_before_it_is_sent(admin, gateway):
 
 def test_an_authorization_server_that_is_down_is_a_retryable_error_not_a_lost_connection(admin, gateway):
     with oauth_peer() as peer:
-        server = create(admin, peer)
-        connect(web(admin), server)
+        server = connected(admin, peer)
         server = approve(admin, server)
         peer.expire_access_tokens()
         peer.token_endpoint.refresh_status = 503
