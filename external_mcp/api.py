@@ -33,6 +33,7 @@ from external_mcp.serializers import (
     StatusChangeSerializer,
     TestResultSerializer,
     ToolApproveSerializer,
+    ToolNamesSerializer,
     ToolSerializer,
     ToolsetSerializer,
     ToolsetUpdateSerializer,
@@ -253,6 +254,26 @@ class ServerToolsApprove(ExternalMcpView):
         catalog.tools_approve(server=server, actor=request.user, names=form.validated_data.get("names"),
                               select_all=form.validated_data["all"])
         return Response(tools_data(server, server.tools.all()))
+
+
+class ServerToolsSwitch(ExternalMcpView):
+    """Disable approved tools (no agent may call them, on any endpoint, from the next request) or
+    enable disabled ones again. Admins only."""
+
+    switch = staticmethod(catalog.tools_disable)
+
+    @extend_schema(request=ToolNamesSerializer, responses=ToolSerializer(many=True))
+    def post(self, request: Request, server_id: Any) -> Response:
+        server = self.get_server(server_id)
+        self.require_admin(server)
+        form = ToolNamesSerializer(data=request.data)
+        form.is_valid(raise_exception=True)
+        self.switch(server=server, actor=request.user, names=form.validated_data["names"])
+        return Response(tools_data(server, server.tools.all()))
+
+
+class ServerToolsEnable(ServerToolsSwitch):
+    switch = staticmethod(catalog.tools_enable)
 
 
 class ServerChecks(ExternalMcpView):

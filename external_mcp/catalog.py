@@ -282,6 +282,8 @@ def tools_approve(*, server: ExternalMcpServer, actor: AbstractBaseUser | None, 
 
 @transaction.atomic
 def tools_disable(*, server: ExternalMcpServer, actor: AbstractBaseUser | None, names: list[str]) -> list[str]:
+    """No agent may call them any more, on any endpoint, from the next request (the caches are
+    flushed); a later discovery keeps them disabled whatever the server sends."""
     tools = _select(server, names, False)
     for tool in tools:
         tool.state = ToolState.DISABLED
@@ -291,6 +293,27 @@ def tools_disable(*, server: ExternalMcpServer, actor: AbstractBaseUser | None, 
     AuditEvent.objects.create(workspace_id=server.workspace_id, server=server, server_name=server.name,
                               actor=actor, action=AuditAction.TOOLS_DISABLE, changes={"tools": disabled})
     return disabled
+
+
+@transaction.atomic
+def tools_enable(*, server: ExternalMcpServer, actor: AbstractBaseUser | None, names: list[str]) -> list[str]:
+    """Disabled tools back to what their definition allows: approved when it is still the one an
+    admin approved, quarantined (changed) when it is not, pending when it never was."""
+    tools = _select(server, names, False)
+    active = sorted(t.name for t in tools if t.state != ToolState.DISABLED)
+    if active:
+        raise ValidationError({"names": [f"Not disabled: {', '.join(active)}."]})
+    for tool in tools:
+        if not tool.approved_hash:
+            tool.state = ToolState.PENDING
+        else:
+            tool.state = ToolState.APPROVED if tool.definition_hash == tool.approved_hash else ToolState.CHANGED
+    ExternalMcpTool.objects.bulk_update(tools, ["state"])
+    enabled = sorted(t.name for t in tools)
+    invalidation.announce_change()
+    AuditEvent.objects.create(workspace_id=server.workspace_id, server=server, server_name=server.name,
+                              actor=actor, action=AuditAction.TOOLS_ENABLE, changes={"tools": enabled})
+    return enabled
 
 
 def exposed_names_of(server: ExternalMcpServer) -> dict[str, str]:

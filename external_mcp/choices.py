@@ -79,6 +79,7 @@ class AuditAction(models.TextChoices):
     DECRYPT_FAILED = "credentials.decrypt_failed", "Credentials could not be decrypted"
     TOOLS_APPROVE = "tools.approve", "Tools approved"
     TOOLS_DISABLE = "tools.disable", "Tools disabled"
+    TOOLS_ENABLE = "tools.enable", "Tools enabled"
     TOOLSET_CREATE = "toolset.create", "Toolset created"
     TOOLSET_UPDATE = "toolset.update", "Toolset updated"
     TOOLSET_DELETE = "toolset.delete", "Toolset deleted"

@@ -211,6 +211,11 @@ class ToolApproveSerializer(serializers.Serializer):
         return attrs
 
 
+class ToolNamesSerializer(serializers.Serializer):
+    names = serializers.ListField(child=serializers.CharField(max_length=200), min_length=1, max_length=5000,
+                                  help_text="The tools' names as the server gives them.")
+
+
 class HealthCheckSerializer(serializers.ModelSerializer):
     class Meta:
         model = HealthCheck

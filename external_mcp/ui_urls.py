@@ -3,7 +3,7 @@ and external_mcp.toolset_views)."""
 
 from django.urls import path
 
-from external_mcp import connection_views, toolset_views, views
+from external_mcp import connection_views, tool_views, toolset_views, views
 
 urlpatterns = [
     path("servers/", views.server_list, name="external_mcp-ui-servers"),
@@ -22,6 +22,8 @@ urlpatterns = [
     path("oauth/callback", connection_views.oauth_callback, name="external_mcp-oauth-callback"),
     path("servers/<uuid:server_id>/tools/approve/", views.server_tools_approve,
          name="external_mcp-ui-server-tools-approve"),
+    path("servers/<uuid:server_id>/tools/<slug:action>/", tool_views.server_tools_switch,
+         name="external_mcp-ui-server-tools-switch"),
     path("toolsets/", toolset_views.toolset_list, name="external_mcp-ui-toolsets"),
     path("toolsets/new/", toolset_views.toolset_add, name="external_mcp-ui-toolset-add"),
     path("toolsets/<uuid:toolset_id>/", toolset_views.toolset_detail, name="external_mcp-ui-toolset"),
