@@ -4,6 +4,8 @@ those the agent got no answer for (``usage/limiter.py`` decides; see docs/archit
 
 from __future__ import annotations
 
+from urllib.parse import urljoin
+
 from django.conf import settings
 
 from external_mcp import metrics
@@ -45,7 +47,7 @@ async def take(call: Call, key: KeyInfo) -> list[tuple[bytes, bytes]]:
             outcome=Outcome.QUOTA, headers=[(b"retry-after", str(decision.retry_after).encode()), *headers],
             data={"limit": decision.limit, "remaining": 0, "used": decision.used,
                   "reset_at": decision.reset_at.isoformat().replace("+00:00", "Z"), "plan": key.plan,
-                  "upgrade_url": settings.TWINMCP_UPGRADE_URL},
+                  "upgrade_url": urljoin(f"{settings.TWINMCP_PUBLIC_URL}/", settings.TWINMCP_UPGRADE_URL)},
         )
     return headers
 
