@@ -319,3 +319,9 @@ def test_swagger_docs_keep_working_under_their_own_policy(client, db):
     response = client.get("/api/docs/")
     assert "'unsafe-inline'" in response["Content-Security-Policy"]
     assert "'unsafe-inline'" not in client.get("/accounts/login/")["Content-Security-Policy"]
+
+
+def test_a_failed_login_keeps_the_username_and_moves_to_the_password(client, admin):
+    page = client.post("/accounts/login/", {"username": "alice<b>", "password": "wrong"}).content.decode()
+    assert 'value="alice&lt;b&gt;"' in page and "did not match" in page
+    assert page.index('id="id_password"') < page.index("autofocus")
