@@ -271,13 +271,8 @@ def tools_approve(*, server: ExternalMcpServer, actor: AbstractBaseUser | None, 
         tool.approved_definition = tool.definition
         tool.approved_hash = tool.definition_hash
         tool.approved_at, tool.approved_by = now, actor
-    ExternalMcpTool.objects.bulk_update(tools, ["state", "approved_definition", "approved_hash", "approved_at",
-                                                "approved_by"])
-    approved = sorted(t.name for t in tools)
-    invalidation.announce_change()
-    AuditEvent.objects.create(workspace_id=server.workspace_id, server=server, server_name=server.name,
-                              actor=actor, action=AuditAction.TOOLS_APPROVE, changes={"tools": approved})
-    return approved
+    return _switched(server, actor, tools, AuditAction.TOOLS_APPROVE,
+                     ["state", "approved_definition", "approved_hash", "approved_at", "approved_by"])
 
 
 @transaction.atomic
@@ -287,12 +282,7 @@ def tools_disable(*, server: ExternalMcpServer, actor: AbstractBaseUser | None, 
     tools = _select(server, names, False)
     for tool in tools:
         tool.state = ToolState.DISABLED
-    ExternalMcpTool.objects.bulk_update(tools, ["state"])
-    disabled = sorted(t.name for t in tools)
-    invalidation.announce_change()
-    AuditEvent.objects.create(workspace_id=server.workspace_id, server=server, server_name=server.name,
-                              actor=actor, action=AuditAction.TOOLS_DISABLE, changes={"tools": disabled})
-    return disabled
+    return _switched(server, actor, tools, AuditAction.TOOLS_DISABLE, ["state"])
 
 
 @transaction.atomic
@@ -308,12 +298,19 @@ def tools_enable(*, server: ExternalMcpServer, actor: AbstractBaseUser | None, n
             tool.state = ToolState.PENDING
         else:
             tool.state = ToolState.APPROVED if tool.definition_hash == tool.approved_hash else ToolState.CHANGED
-    ExternalMcpTool.objects.bulk_update(tools, ["state"])
-    enabled = sorted(t.name for t in tools)
+    return _switched(server, actor, tools, AuditAction.TOOLS_ENABLE, ["state"])
+
+
+def _switched(server: ExternalMcpServer, actor: AbstractBaseUser | None, tools: list[ExternalMcpTool],
+              action: str, fields: list[str]) -> list[str]:
+    """Save an admin's decision on tools: every gateway process sees it from its next request, and
+    the audit trail names the tools. Returns their names."""
+    ExternalMcpTool.objects.bulk_update(tools, fields)
+    names = sorted(t.name for t in tools)
     invalidation.announce_change()
     AuditEvent.objects.create(workspace_id=server.workspace_id, server=server, server_name=server.name,
-                              actor=actor, action=AuditAction.TOOLS_ENABLE, changes={"tools": enabled})
-    return enabled
+                              actor=actor, action=action, changes={"tools": names})
+    return names
 
 
 def exposed_names_of(server: ExternalMcpServer) -> dict[str, str]:
