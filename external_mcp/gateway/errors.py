@@ -8,6 +8,7 @@ from typing import Any
 from django.conf import settings
 from mcp_types import URL_ELICITATION_REQUIRED
 
+from external_mcp.oauth.grants import connect_url
 from external_mcp.proxy_cache import ServerInfo
 from usage.models import Outcome
 
@@ -71,7 +72,7 @@ def connection_needed(server: ServerInfo, exc: BaseException | str) -> ProxyErro
     """No account to call ``server`` with: the message says where to connect one, and agents that
     support URL-mode elicitation (2025-11-25) get that page as an elicitation to open."""
     message = str(exc)
-    url = getattr(exc, "url", "") or f"{settings.TWINMCP_PUBLIC_URL}/servers/{server.id}/"
+    url = getattr(exc, "url", "") or connect_url(server.id)
     elicitation = {"mode": "url", "message": message, "url": url, "elicitationId": f"twinmcp-connect-{uuid.uuid4()}"}
     return ProxyError(403, URL_ELICITATION_REQUIRED, message, outcome=Outcome.UPSTREAM_ERROR,
                       error_class="needs_connection", data={"elicitations": [elicitation]})
