@@ -86,6 +86,12 @@ class AuditAction(models.TextChoices):
     CONNECT = "connection.connect", "Account connected"
     DISCONNECT = "connection.disconnect", "Account disconnected"
     REAUTH = "connection.needs_reauth", "Connection needs re-authorization"
+    MEMBER_ADD = "member.add", "Member added"
+    MEMBER_ROLE = "member.role", "Member role changed"
+    MEMBER_REMOVE = "member.remove", "Member removed"
+    ALERT_RULE_CREATE = "alert_rule.create", "Alert rule created"
+    ALERT_RULE_UPDATE = "alert_rule.update", "Alert rule updated"
+    ALERT_RULE_DELETE = "alert_rule.delete", "Alert rule deleted"
 
 
 class PrefixMode(models.TextChoices):
@@ -113,3 +119,4 @@ class NotificationKind(models.TextChoices):
     TOOL_REFUSED = "tool.refused", "Tool refused by TwinMCP"
     ALERT = "alert.failure_ratio", "Many health checks failing"
     REAUTH = "connection.needs_reauth", "Connection needs re-authorization"
+    USAGE_ALERT = "usage.alert", "Usage alert"

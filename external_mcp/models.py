@@ -301,7 +301,7 @@ class AuditEvent(models.Model):
     server = models.ForeignKey(
         ExternalMcpServer, null=True, blank=True, on_delete=models.SET_NULL, related_name="audit_events"
     )
-    server_name = models.CharField(max_length=100)
+    server_name = models.CharField(max_length=100, blank=True, default="")
     actor = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
