@@ -146,6 +146,10 @@ class UsageDaily(models.Model):
     errors = models.BigIntegerField(default=0, help_text="Outcomes error, timeout and upstream_error.")
     quota_rejections = models.BigIntegerField(default=0)
     blocked = models.BigIntegerField(default=0)
+    timeouts = models.BigIntegerField(default=0, db_default=0, help_text="Outcome timeout (also in errors).")
+    upstream_errors = models.BigIntegerField(default=0, db_default=0,
+                                             help_text="Outcome upstream_error (also in errors).")
+    client_disconnects = models.BigIntegerField(default=0, db_default=0)
     tokens_in = models.BigIntegerField(default=0)
     tokens_out = models.BigIntegerField(default=0)
     bytes_in = models.BigIntegerField(default=0)
