@@ -82,7 +82,7 @@ class Parser:
             if match is None:
                 self._scanned = end
                 break
-            if not final and match.end() == end and buffer[match.start()] == 0x0D:
+            if not final and match.end() == end and match.group() == b"\r":
                 self._scanned = match.start()  # maybe half a CRLF: look again with the next chunk
                 break
             line = bytes(buffer[self._line_start:match.start()])

@@ -637,6 +637,19 @@ def test_the_sse_parser_splits_events_wherever_the_chunks_end():
     assert events[3].with_data(b"z") == b"retry: 5\nevent: message\ndata: z\n\n"
 
 
+def test_an_event_is_dispatched_as_soon_as_its_chunk_ends_it():
+    """A CRLF that ends a chunk is a whole line end: the event must not wait for the next chunk (an
+    upstream's progress would otherwise reach the agent only with its next keep-alive)."""
+    from external_mcp import sse
+
+    for ending in (b"\r\n\r\n", b"\n\n", b"\r\n\n"):
+        assert [e.data for e in sse.Parser().feed(b"event: message\r\ndata: {}" + ending)] == [b"{}"], ending
+    parser = sse.Parser()  # a lone CR that ends a chunk may be half a CRLF: the next chunk decides
+    assert parser.feed(b"data: x\r\r") == [] and [e.data for e in parser.feed(b"data: y\n\n")] == [b"x", b"y"]
+    parser = sse.Parser()
+    assert parser.feed(b"data: a\r") == [] and [e.data for e in parser.feed(b"\n\r\n")] == [b"a"]
+
+
 def test_the_sse_parser_bounds_an_event_that_never_ends():
     from external_mcp import sse
 
