@@ -31,6 +31,9 @@ class MembershipQuerySet(models.QuerySet["Membership"]):
     def admins(self) -> MembershipQuerySet:
         return self.filter(role=Role.ADMIN)
 
+    def of_user(self, user: object) -> MembershipQuerySet:
+        return self.filter(user=user)
+
 
 class Membership(models.Model):
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships")

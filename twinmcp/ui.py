@@ -1,6 +1,9 @@
 """The API keys page: create a TwinMCP key (shown once, with a ready-to-paste MCP client
-configuration for the workspace endpoint), list the caller's keys, revoke one. Writes go through
-``twinmcp.services``."""
+configuration for the workspace endpoint), list the caller's keys, revoke one after a confirmation.
+Writes go through ``twinmcp.services``.
+
+Creation is POST-redirect-GET, so a reload never makes a second key: the raw key crosses the
+redirect encrypted in the session (``twinmcp.show_once``) and the first GET pops it."""
 
 from __future__ import annotations
 
@@ -15,11 +18,11 @@ from django.core.exceptions import ValidationError
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
-from django.views.decorators.http import require_http_methods, require_POST
+from django.views.decorators.http import require_http_methods
 
 from external_mcp.models import ExternalMcpServer, Toolset
 from external_mcp.toolsets import WORKSPACE_ENDPOINT_PATH, endpoint_path
-from twinmcp import services
+from twinmcp import services, show_once
 from twinmcp.flags import external_mcp_enabled
 from twinmcp.models import ApiKey, Membership, Workspace
 
@@ -63,6 +66,21 @@ def mcp_client_config(request: HttpRequest, workspace: Workspace, raw_key: str) 
     }
 
 
+NEW_KEY = "new-api-key"
+
+
+def _created(request: HttpRequest) -> dict[str, Any] | None:
+    """The key made by the POST this GET follows, with its raw value, or None."""
+    stashed = show_once.pop(request, NEW_KEY)
+    if stashed is None:
+        return None
+    key = ApiKey.objects.filter(pk=stashed.get("key_id"), user=request.user).select_related("workspace").first()
+    if key is None or not key.is_active:
+        return None
+    raw = str(stashed.get("raw", ""))
+    return {"key": key, "raw": raw, **mcp_client_config(request, key.workspace, raw)}
+
+
 def _page(request: HttpRequest, form: ApiKeyCreateForm, *, created: dict | None = None,
           status: int = 200) -> HttpResponse:
     keys = ApiKey.objects.filter(user=request.user).select_related("workspace")
@@ -81,7 +99,7 @@ def api_keys(request: HttpRequest) -> HttpResponse:
     workspaces = [m.workspace for m in Membership.objects.filter(user=request.user).select_related("workspace")
                   .order_by("workspace__name")]
     if request.method == "GET":
-        return _page(request, ApiKeyCreateForm(workspaces=workspaces))
+        return _page(request, ApiKeyCreateForm(workspaces=workspaces), created=_created(request))
     form = ApiKeyCreateForm(request.POST, workspaces=workspaces)
     if not workspaces:
         form.add_error(None, "You are not a member of any workspace yet; ask an administrator to add you.")
@@ -98,17 +116,22 @@ def api_keys(request: HttpRequest) -> HttpResponse:
                 target = "expires_on" if field == "expires_at" else field
                 form.add_error(target if target in form.fields else None, errors)
         else:
-            created = {"key": key, "raw": raw, **mcp_client_config(request, workspace, raw)}
-            return _page(request, ApiKeyCreateForm(workspaces=workspaces), created=created, status=201)
+            show_once.stash(request, NEW_KEY, {"key_id": str(key.pk), "raw": raw})
+            return redirect("twinmcp-ui-api-keys")
     return _page(request, form, status=400)
 
 
 @login_required
-@require_POST
+@require_http_methods(["GET", "POST"])
 def api_key_revoke(request: HttpRequest, key_id: Any) -> HttpResponse:
-    key = ApiKey.objects.filter(pk=key_id, user=request.user).first()
+    """GET asks for confirmation (a page, so it works without JavaScript); POST revokes."""
+    key = ApiKey.objects.filter(pk=key_id, user=request.user).select_related("workspace").first()
     if key is None:
         raise Http404("No such key.")
+    if request.method == "GET":
+        if not key.is_active:
+            return redirect("twinmcp-ui-api-keys")
+        return render(request, "twinmcp/api_key_confirm_revoke.html", {"key": key})
     services.api_key_revoke(key=key)
     messages.success(request, f"Key {key.name} ({key.prefix}…) revoked; agents using it are refused from now on.")
     return redirect("twinmcp-ui-api-keys")

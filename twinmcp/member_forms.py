@@ -1,0 +1,45 @@
+"""Forms of the members page. They only shape input: the rules (unique names, password strength,
+the last admin) live in ``twinmcp.members``, whose errors land next to these fields."""
+
+from __future__ import annotations
+
+from django import forms
+from django.core.exceptions import ValidationError
+
+from twinmcp.models import Role
+
+
+class MemberAddForm(forms.Form):
+    prefix = "add"
+
+    user = forms.CharField(label="Username or e-mail", max_length=254,
+                           widget=forms.TextInput(attrs={"autocomplete": "off", "spellcheck": "false",
+                                                         "autocapitalize": "off"}))
+    role = forms.ChoiceField(label="Role", choices=Role.choices, initial=Role.MEMBER)
+
+
+class MemberCreateForm(forms.Form):
+    prefix = "new"
+
+    username = forms.CharField(label="Username", max_length=150,
+                               widget=forms.TextInput(attrs={"autocomplete": "off", "spellcheck": "false",
+                                                             "autocapitalize": "off"}))
+    email = forms.EmailField(label="E-mail", required=False)
+    password = forms.CharField(
+        label="Initial password", required=False, strip=False,
+        widget=forms.PasswordInput(attrs={"autocomplete": "new-password"}),
+        help_text="Leave empty to generate one, shown to you once.",
+    )
+    role = forms.ChoiceField(label="Role", choices=Role.choices, initial=Role.MEMBER)
+
+
+class MemberRoleForm(forms.Form):
+    role = forms.ChoiceField(label="Role", choices=Role.choices)
+
+
+def apply_errors(exc: ValidationError, form: forms.Form) -> None:
+    """A service's field errors next to the field of the same name; others at the top."""
+    errors = exc.message_dict if hasattr(exc, "error_dict") else {"__all__": exc.messages}
+    for field, messages in errors.items():
+        for message in messages:
+            form.add_error(field if field in form.fields else None, message)
