@@ -13,11 +13,13 @@ from typing import Any
 from django import forms
 from django.core.exceptions import ValidationError
 
+from external_mcp import pem_checks
 from external_mcp.choices import AuthType, CredentialMode, PrefixMode, ServerStatus
 from external_mcp.credentials import MAX_PEM_BYTES
 from external_mcp.exposed_names import PREFIX_MAX_CHARS
 
 CREDENTIALS_PREFIX = "cred"
+KEPT_FIELD = "kept"
 
 
 class WriteOnlyTextInput(forms.TextInput):
@@ -115,9 +117,11 @@ class CredentialsForm(forms.Form):
         widget=forms.DateInput(attrs={"type": "date"}),
     )
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, owner: Any = None, **kwargs: Any) -> None:
         kwargs.setdefault("prefix", CREDENTIALS_PREFIX)
         super().__init__(*args, **kwargs)
+        # The user whose re-rendered form may carry back what they uploaded (see MtlsCredentialsForm).
+        self.owner = owner
 
     def payload_fields(self) -> list[str]:
         return [name for name in self.fields if name != "expires_at"]
@@ -189,16 +193,82 @@ class PemFileField(forms.FileField):
             raise ValidationError("Not a PEM text file (upload the .pem/.crt/.key file, not DER).") from None
 
 
+class WriteOnlyTextarea(forms.Textarea):
+    """A textarea that never renders its value back: a pasted private key stays out of the page."""
+
+    def get_context(self, name: str, value: Any, attrs: dict | None) -> dict:
+        return super().get_context(name, None, attrs)
+
+
+def _pem_text(label: str) -> forms.CharField:
+    return forms.CharField(
+        label=label, required=False, max_length=MAX_PEM_BYTES,
+        widget=WriteOnlyTextarea(attrs={"rows": 3, "spellcheck": "false", "autocomplete": "off",
+                                        "class": "pem", "placeholder": "-----BEGIN …-----"}))
+
+
 class MtlsCredentialsForm(CredentialsForm):
+    """Each PEM comes as a file or pasted text. Every part is checked and every problem reported at
+    once; the parts that passed are kept across the re-render, encrypted for this user only and for
+    a short while, so a fix needs only the part that was wrong."""
+
     auth_type = AuthType.MTLS
     public_fields = ("ca_bundle_pem",)
 
     client_cert_pem = PemFileField(label="Client certificate (PEM)", required=False,
                                    widget=forms.ClearableFileInput(attrs={"accept": ".pem,.crt,.cer"}))
+    client_cert_pem_text = _pem_text("…or paste the certificate")
     client_key_pem = PemFileField(label="Client private key (PEM, unencrypted)", required=False,
                                   widget=forms.ClearableFileInput(attrs={"accept": ".pem,.key"}))
+    client_key_pem_text = _pem_text("…or paste the private key")
     ca_bundle_pem = PemFileField(label="CA bundle to trust (PEM, optional)", required=False,
                                  widget=forms.ClearableFileInput(attrs={"accept": ".pem,.crt"}))
+    ca_bundle_pem_text = _pem_text("…or paste the CA bundle")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.kept_token = ""
+
+    @property
+    def kept_name(self) -> str:
+        return self.add_prefix(KEPT_FIELD)
+
+    def payload_fields(self) -> list[str]:
+        return list(pem_checks.PARTS)
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        kept = self._kept()
+        given: dict[str, pem_checks.Pem] = {}
+        for part in pem_checks.PARTS:
+            if part in self.errors:
+                continue
+            upload, pasted = data.get(part), data.get(f"{part}_text")
+            if upload and pasted:
+                self.add_error(f"{part}_text", "Upload a file or paste the PEM, not both.")
+            elif upload:
+                given[part] = pem_checks.Pem(text=upload, name=getattr(self.files.get(self.add_prefix(part)),
+                                                                        "name", "uploaded file"))
+            elif pasted:
+                given[part] = pem_checks.Pem(text=pasted, name=pem_checks.PASTED[part])
+            elif part in kept:
+                given[part] = kept[part]
+        problems = pem_checks.problems(given)
+        for part, message in problems.items():
+            self.add_error(part, message)
+        good = {part: pem for part, pem in given.items() if part not in problems}
+        for part, pem in good.items():
+            data[part] = pem.text
+        if self.owner is not None and good:
+            self.kept_token = pem_checks.keep(good, owner=self.owner)
+            for part, pem in good.items():
+                # The bound field copied the help text when cleaning began.
+                self[part].help_text = f"{pem.name} kept — choose another file to replace it."
+        return data
+
+    def _kept(self) -> dict[str, pem_checks.Pem]:
+        token = self.data.get(self.kept_name) if self.owner is not None else None
+        return pem_checks.kept(token, owner=self.owner) if token else {}
 
 
 class OAuthClientCredentialsForm(CredentialsForm):

@@ -98,7 +98,7 @@ class ExternalMcpServer(models.Model):
     description = models.TextField(blank=True, default="")
     tags = models.JSONField(default=list, blank=True)
     tags_index = models.CharField(max_length=1200, blank=True, default="", editable=False)
-    # Health facts (issue 3/7): stored hard facts, the status is derived from them.
+    # Health facts: stored hard facts, the status is derived from them.
     last_checked_at = models.DateTimeField(null=True, blank=True)
     last_ok_at = models.DateTimeField(null=True, blank=True)
     last_latency_ms = models.PositiveIntegerField(null=True, blank=True)

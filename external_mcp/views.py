@@ -15,11 +15,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.core.paginator import Paginator
 from django.db import transaction
 from django.db.models import Case, Count, IntegerField, Q, QuerySet, Value, When
 from django.db.models.functions import Lower
@@ -31,7 +29,16 @@ from django.utils.cache import patch_vary_headers
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_http_methods, require_POST
 
-from external_mcp import catalog, connections, health, inbox, services, staleness, storable, tool_names
+from external_mcp import (
+    catalog,
+    connections,
+    health,
+    server_live,
+    services,
+    staleness,
+    storable,
+    tool_names,
+)
 from external_mcp.agent_configs import agent_configs
 from external_mcp.choices import STATUS_COLOURS, STATUS_SORT_ORDER, AuthType, CredentialMode, ServerStatus, ToolState
 from external_mcp.forms import (
@@ -45,7 +52,7 @@ from external_mcp.forms import (
 from external_mcp.models import ExternalMcpServer, ExternalMcpTool
 from external_mcp.oauth import flow
 from twinmcp.api_errors import LimitReached
-from twinmcp.context_processors import require_external_mcp_page
+from twinmcp.context_processors import poll_ms, require_external_mcp_page
 from twinmcp.models import Membership, Role
 
 logger = logging.getLogger(__name__)
@@ -77,7 +84,6 @@ TOOL_STATE_ORDER = {ToolState.CHANGED: 0, ToolState.REFUSED: 1, ToolState.PENDIN
                     ToolState.DISABLED: 4, ToolState.REMOVED: 5}
 APPROVABLE_STATES = (ToolState.PENDING, ToolState.CHANGED, ToolState.DISABLED)
 EXPIRY_WARNING = timedelta(days=30)
-CHART_POINTS = 100
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -138,11 +144,6 @@ def badge(status: str) -> dict[str, str]:
 def server_badge(server: ExternalMcpServer) -> dict[str, str]:
     """The badge of the status to show: the recorded one, or stale when checks have stopped."""
     return badge(staleness.shown_status(server))
-
-
-def _poll_ms() -> int:
-    """How often lists refresh while visible (TWINMCP_UI_POLL_SECONDS, default 30 s)."""
-    return int(float(getattr(settings, "TWINMCP_UI_POLL_SECONDS", 30)) * 1000)
 
 
 def _status_order() -> Case:
@@ -235,8 +236,8 @@ def _all_valid(*forms_: Any) -> bool:
 
 
 def _cred_form(server: ExternalMcpServer | None, auth_type: str, data: Any = None,
-               files: Any = None) -> CredentialsForm:
-    return credentials_form(auth_type, data, files, initial=_prefill(server, auth_type))
+               files: Any = None, owner: Any = None) -> CredentialsForm:
+    return credentials_form(auth_type, data, files, initial=_prefill(server, auth_type), owner=owner)
 
 
 # -- servers list ----------------------------------------------------------------------------------
@@ -274,7 +275,7 @@ def server_list(request: HttpRequest) -> HttpResponse:
         "filtered": bool(request.GET.get("status") or request.GET.get("tag") or request.GET.get("search")),
         "can_add": Role.ADMIN in roles.values(),
         "multi_workspace": len(roles) > 1,
-        "poll_ms": _poll_ms(),
+        "poll_ms": poll_ms(),
         "list_url": request.get_full_path(),
     }
     if not _partial(request):
@@ -287,9 +288,9 @@ def server_list(request: HttpRequest) -> HttpResponse:
 
 
 def _form_page(request: HttpRequest, *, server: ExternalMcpServer | None, form: ServerForm,
-               cred_form: CredentialsForm, status: int = 200) -> HttpResponse:
+               cred_form: CredentialsForm, status: int = 200, **extra: Any) -> HttpResponse:
     auth_type = cred_form.auth_type
-    context = {
+    context = {**extra,
         "server": server, "form": form, "cred_form": cred_form, "auth_type": auth_type,
         "auth_label": AuthType(auth_type).label,
         "same_auth": server is not None and auth_type == server.auth_type,
@@ -316,7 +317,8 @@ def server_add(request: HttpRequest) -> HttpResponse:
         form = ServerForm(initial={"auth_type": auth_type}, workspaces=admin_of)
         return _form_page(request, server=None, form=form, cred_form=_cred_form(None, auth_type))
     form = ServerForm(request.POST, workspaces=admin_of)
-    cred_form = _cred_form(None, request.POST.get("auth_type") or AuthType.NONE, request.POST, request.FILES)
+    cred_form = _cred_form(None, request.POST.get("auth_type") or AuthType.NONE, request.POST, request.FILES,
+                           owner=request.user)
     if _all_valid(form, cred_form):
         try:
             server = services.server_create(
@@ -352,7 +354,7 @@ def server_edit(request: HttpRequest, server_id: Any) -> HttpResponse:
         return _form_page(request, server=server, form=form, cred_form=_cred_form(server, auth_type))
     form = ServerForm(request.POST)
     auth_type = request.POST.get("auth_type") or server.auth_type
-    cred_form = _cred_form(server, auth_type, request.POST, request.FILES)
+    cred_form = _cred_form(server, auth_type, request.POST, request.FILES, owner=request.user)
     if _all_valid(form, cred_form):
         fields = form.service_fields()
         if fields["base_url"] == server.base_url:
@@ -394,14 +396,18 @@ def _test_context(request: HttpRequest, server: ExternalMcpServer) -> dict[str, 
         logger.exception("connection test of %s could not run", server.pk)
         return {"test": {"ok": False, "label": "The test could not run", "message": "An internal error stopped "
                          "the test; the logs have the details.", "hint": ""}}
-    test = {
+    return {"test": check_summary(result)}
+
+
+def check_summary(result: Any) -> dict[str, Any]:
+    """What the result panel shows of a check, of a saved server or of unsaved settings alike."""
+    return {
         "ok": result.ok, "label": ERROR_LABELS.get(result.error_class, "Failed") if not result.ok else "Connected",
         "error_class": result.error_class, "message": result.error_message, "hint": result.hint,
         "protocol_version": result.protocol_version, "era": result.era, "server_name": result.server_name,
         "server_version": result.server_version, "latency_ms": round(result.total_ms),
         "timings": {k: round(v) for k, v in result.timings_ms.items()}, "discovered": len(result.tools),
     }
-    return {"test": test}
 
 
 @login_required
@@ -507,27 +513,20 @@ def _detail_page(request: HttpRequest, server: ExternalMcpServer, *, rotate_form
                  own_form: CredentialsForm | None = None, status: int = 200) -> HttpResponse:
     can_admin = _is_admin(request, server.workspace_id)
     stale = staleness.is_stale(server)
+    version = server_live.live_version(server)
     context: dict[str, Any] = {
         "server": server, "server_badge": server_badge(server), "can_admin": can_admin,
-        "poll_ms": _poll_ms(),
+        "poll_ms": poll_ms(), "live_version": version,
         "stale": {"since": staleness.stale_since(server), "recorded": badge(server.status)} if stale else None,
     }
     if _partial(request):
-        return _render(request, "external_mcp/server_detail.html", context, partial="server-summary")
-    checks = list(server.checks.all()[:CHART_POINTS])
-    changes = list(server.status_changes.all()[:20])
-    for change in changes:
-        change.old_badge, change.new_badge = badge(change.old), badge(change.new)
-    latencies = sorted(c.latency_ms for c in checks if c.ok and c.latency_ms is not None)
+        # The visible tab's poll: the summary always, the cards and the bell out of band, the cards
+        # only when something was recorded since the version the page holds.
+        if request.GET.get("v") != version:
+            context.update(server_live.live_cards(server, badge=badge), cards=True)
+        return _render(request, "external_mcp/_server_live.html", context)
     context.update({
-        "changes": changes,
-        "errors": list(server.checks.filter(ok=False)[:10]),
-        "chart": {"points": [{"t": c.checked_at.isoformat(), "ms": c.latency_ms, "ok": c.ok}
-                             for c in reversed(checks)]},
-        "chart_summary": {"count": len(checks), "min": latencies[0] if latencies else None,
-                          "median": latencies[len(latencies) // 2] if latencies else None,
-                          "max": latencies[-1] if latencies else None,
-                          "failed": sum(1 for c in checks if not c.ok)},
+        **server_live.live_cards(server, badge=badge),
         "rotate_form": rotate_form or (_cred_form(server, server.auth_type)
                                        if can_admin and not (server.per_user and server.auth_type != AuthType.OAUTH2)
                                        else None),
@@ -556,44 +555,3 @@ def _connect_context(request: HttpRequest, server: ExternalMcpServer) -> dict[st
 def server_detail(request: HttpRequest, server_id: Any) -> HttpResponse:
     require_external_mcp_page(request)
     return _detail_page(request, _get_server(request, server_id))
-
-
-# -- notifications ---------------------------------------------------------------------------------
-
-
-@login_required
-@require_http_methods(["GET"])
-def notifications(request: HttpRequest) -> HttpResponse:
-    require_external_mcp_page(request)
-    unread_only = request.GET.get("unread") == "1"
-    rows = inbox.notifications_for(request.user)
-    if unread_only:
-        rows = rows.filter(read_at__isnull=True)
-    page = Paginator(rows, 50).get_page(request.GET.get("page"))
-    context = {"page": page, "notifications": page.object_list, "unread_only": unread_only,
-               "email_max_attempts": settings.EXTERNAL_MCP_EMAIL_MAX_ATTEMPTS}
-    return _render(request, "external_mcp/notifications.html", context, partial="notification-list")
-
-
-@login_required
-@require_POST
-def notification_read(request: HttpRequest, notification_id: Any) -> HttpResponse:
-    require_external_mcp_page(request)
-    notification = inbox.notification_mark_read(user=request.user, notification_id=notification_id)
-    if notification is None:
-        raise Http404("No such notification.")
-    if _partial(request):
-        return _render(request, "external_mcp/notifications.html",
-                       {"n": notification, "oob_bell": True,
-                        "email_max_attempts": settings.EXTERNAL_MCP_EMAIL_MAX_ATTEMPTS},
-                       partial="notification-item")
-    return HttpResponseRedirect(_next_url(request, reverse("external_mcp-ui-notifications")))
-
-
-@login_required
-@require_POST
-def notifications_read_all(request: HttpRequest) -> HttpResponse:
-    require_external_mcp_page(request)
-    count = inbox.notifications_mark_all_read(user=request.user)
-    messages.success(request, f"{count} notification(s) marked as read." if count else "Nothing was unread.")
-    return HttpResponseRedirect(_next_url(request, reverse("external_mcp-ui-notifications")))

@@ -124,7 +124,8 @@ def test_hostile_inputs_on_every_documented_operation_get_json_4xx(seeded, seede
     for method, path, operation in operations:
         parameters = operation.get("parameters", [])
         url = (path.replace("{server_id}", str(seeded.pk)).replace("{toolset_id}", str(seeded_toolset.pk))
-               .replace("{key_id}", str(uuid.uuid4())))
+               .replace("{key_id}", str(uuid.uuid4())).replace("{workspace_id}", str(seeded.workspace_id))
+               .replace("{user_id}", str(admin.user.pk)))
         for parameter in parameters:
             name, kind = parameter["name"], parameter["schema"].get("type")
             if parameter["in"] == "path":

@@ -186,7 +186,7 @@ def test_quota_allows_exactly_the_limit_then_429(admin, flag_on, gateway, settin
     data = error["error"]["data"]
     assert data["limit"] == 3 and data["remaining"] == 0 and data["plan"] == "free"
     assert data["reset_at"].endswith("T00:00:00Z")
-    assert data["upgrade_url"] == "http://127.0.0.1:8000/billing/upgrade/"  # absolute: agents have no base URL
+    assert data["upgrade_url"] == "http://127.0.0.1:8000/billing/"  # absolute: agents have no base URL
     assert int(headers["Retry-After"]) > 0 and headers["RateLimit-Remaining"] == "0"
     assert upstream_calls == 3
     assert UsageEvent.objects.filter(outcome="quota", counted=False).count() == 1

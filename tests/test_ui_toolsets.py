@@ -160,7 +160,7 @@ def test_toolset_pages_keep_the_strict_csp(admin_web, toolset):
 
 
 def test_the_api_key_page_points_at_the_workspace_endpoint_first(admin_web, admin, toolset):
-    response = admin_web.post("/api-keys/", {"name": "laptop", "workspace": str(admin.workspace.pk)})
+    response = admin_web.post("/api-keys/", {"name": "laptop", "workspace": str(admin.workspace.pk)}, follow=True)
     page = html(response)
     config_text = re.search(r'<pre class="snippet" id="mcp-config">(.*?)</pre>', page, re.S).group(1)
     config = json.loads(unescape(config_text))

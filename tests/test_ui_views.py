@@ -450,7 +450,7 @@ def test_detail_shows_history_chart_errors_and_credential_metadata(admin_web, ad
     StatusChange.objects.create(server=server, old="new", new="warning", reason="TLS handshake failed")
     response = admin_web.get(f"/servers/{server.pk}/")
     page = html(response)
-    assert 'id="latency-data" type="application/json"' in page and '"ms": 12' in page
+    assert 'data-points="[{&quot;t&quot;: ' in page and "&quot;ms&quot;: 12" in page
     assert "certificate verify failed" in page and "TLS handshake failed" in page
     assert 'id="cert-warning"' in page and "expires in" in page
     assert "Client certificate (mTLS)" in page and "Rotate the secret" in page

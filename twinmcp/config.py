@@ -121,6 +121,28 @@ def public_url(name: str, default: str) -> str:
     return _read(name, default, parse)
 
 
+def link_url_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a link people follow (None if it can): an absolute http(s) URL, or
+    a path on this site starting with "/". Anything else (javascript:, a bare host name) is refused."""
+    parts = urlsplit(value)
+    if parts.scheme in ("http", "https") and parts.netloc:
+        return None
+    if not parts.scheme and not parts.netloc and value.startswith("/") and not value.startswith("//"):
+        return None
+    return "expected an absolute http(s) URL (e.g. https://billing.example/upgrade) or a path starting with /"
+
+
+def link_url(name: str, default: str = "") -> str:
+    """An optional link: empty (unset), an absolute http(s) URL or a site path."""
+    def parse(raw: str) -> str:
+        problem = link_url_problem(raw)
+        if problem:
+            raise ValueError(problem)
+        return raw
+
+    return _read(name, default, parse)
+
+
 def integer(name: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
     def parse(raw: str) -> int:
         value = _positive_int(raw)

@@ -50,7 +50,6 @@ class QuotaBanner:
     plan: str
     reset_at: datetime  # UTC; templates show it in ``timezone`` too
     timezone: str
-    upgrade_url: str
 
     @property
     def percent(self) -> int:
@@ -87,8 +86,12 @@ def quota_banner(user: Any, *, now: datetime | None = None) -> QuotaBanner | Non
         level="exhausted" if decision.used >= limit else "warning",
         used=decision.used, limit=limit, plan=profile.plan.name,
         reset_at=decision.reset_at, timezone=str(tz),
-        upgrade_url=settings.TWINMCP_UPGRADE_URL,
     )
+
+
+def poll_ms() -> int:
+    """How often a visible tab refreshes what it shows (TWINMCP_UI_POLL_SECONDS, default 30 s)."""
+    return int(float(getattr(settings, "TWINMCP_UI_POLL_SECONDS", 30)) * 1000)
 
 
 class UiState:
@@ -110,6 +113,10 @@ class UiState:
     def is_admin(self) -> bool:
         """Admin of at least one workspace (may add servers)."""
         return self.authenticated and Membership.objects.filter(user=self.request.user, role=Role.ADMIN).exists()
+
+    @property
+    def poll_ms(self) -> int:
+        return poll_ms()
 
     @cached_property
     def unread_count(self) -> int:

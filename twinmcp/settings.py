@@ -209,7 +209,7 @@ CELERY_BEAT_SCHEDULE: dict[str, dict] = {
         "task": "external_mcp.tasks.send_revocations",
         "schedule": float(EXTERNAL_MCP_EMAIL_SWEEP_SECONDS),
     },
-    # Usage (issue 6): finalise finished days (and any missed), refresh today's partial aggregates.
+    # Usage: finalise finished days (and any missed), refresh today's partial aggregates.
     "usage-aggregate": {
         "task": "usage.tasks.aggregate_usage",
         "schedule": float(config.integer("USAGE_AGGREGATE_EVERY_SECONDS", 900) or 900),
@@ -218,6 +218,11 @@ CELERY_BEAT_SCHEDULE: dict[str, dict] = {
     "usage-retention": {
         "task": "usage.tasks.purge_usage",
         "schedule": float(config.integer("USAGE_RETENTION_EVERY_SECONDS", 86400) or 86400),
+    },
+    # Usage alerts: evaluate the enabled rules on the raw events; each breach notifies once (usage.alerts).
+    "usage-alerts": {
+        "task": "usage.tasks.evaluate_usage_alerts",
+        "schedule": 60.0,
     },
 }
 
@@ -258,7 +263,7 @@ EXTERNAL_MCP_USAGE_RETENTION_DAYS = config.integer("EXTERNAL_MCP_USAGE_RETENTION
 EXTERNAL_MCP_FREE_DAILY_LIMIT = config.integer("EXTERNAL_MCP_FREE_DAILY_LIMIT", 200)
 EXTERNAL_MCP_QUOTA_REDIS_WAIT_MS = config.integer("EXTERNAL_MCP_QUOTA_REDIS_WAIT_MS", 2000)
 
-# Usage reporting (issue 6): aggregation, retention, API, billing hooks.
+# Usage reporting: aggregation, retention, API, billing hooks.
 USAGE_FINALIZE_GRACE_SECONDS = config.integer("USAGE_FINALIZE_GRACE_SECONDS", 300)
 USAGE_RETENTION_BATCH_SIZE = config.integer("USAGE_RETENTION_BATCH_SIZE", 5000) or 5000
 USAGE_QUOTA_COUNTER_KEEP_DAYS = config.integer("USAGE_QUOTA_COUNTER_KEEP_DAYS", 7)
@@ -297,7 +302,9 @@ EXTERNAL_MCP_FANOUT_TIMEOUT_MS = config.integer("EXTERNAL_MCP_FANOUT_TIMEOUT_MS"
 EXTERNAL_MCP_SESSION_IDLE_SECONDS = config.integer("EXTERNAL_MCP_SESSION_IDLE_SECONDS", 3600, minimum=60)
 
 TWINMCP_API_KEY_TOUCH_SECONDS = config.integer("TWINMCP_API_KEY_TOUCH_SECONDS", 300)
-TWINMCP_UPGRADE_URL = config.string("TWINMCP_UPGRADE_URL", "/billing/upgrade/")
+# Where the plan page's Upgrade button goes (an external checkout, or a site path); empty: no
+# button, the page tells people to ask their workspace admin. Banner and 429s lead to /billing/.
+TWINMCP_UPGRADE_URL = config.link_url("TWINMCP_UPGRADE_URL", "")
 # Where browsers and authorization servers reach TwinMCP: OAuth sends admins back to
 # <TWINMCP_PUBLIC_URL>/oauth/callback, and errors tell agents where to connect an account.
 TWINMCP_PUBLIC_URL = config.public_url("TWINMCP_PUBLIC_URL", "http://127.0.0.1:8000")

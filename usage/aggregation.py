@@ -37,8 +37,8 @@ logger = logging.getLogger(__name__)
 
 DAILY_COLUMNS = (
     "day", "workspace_id", "user_id", "server_id", "tool", "requests", "counted", "errors", "quota_rejections",
-    "blocked", "tokens_in", "tokens_out", "bytes_in", "bytes_out", "latency_sum_ms", "latency_avg_ms",
-    "latency_p95_ms", "first_at", "last_at",
+    "blocked", "timeouts", "upstream_errors", "client_disconnects", "tokens_in", "tokens_out", "bytes_in", "bytes_out",
+    "latency_sum_ms", "latency_avg_ms", "latency_p95_ms", "first_at", "last_at",
 )
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from django.contrib.auth import get_user_model
 from django.db.models import Q
+from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import exceptions
@@ -34,6 +35,7 @@ from usage.limiter import get_limiter
 from usage.models import UsageDaily, UsageEvent
 from usage.queries import UsageQuery, iso
 from usage.quota import QuotaUnavailable
+from usage.quota_board import member_quotas
 from usage.serializers import (
     QuotaStatusSerializer,
     UsageExportQuerySerializer,
@@ -283,3 +285,48 @@ class QuotaStatus(APIView):
 @extend_schema(exclude=True)
 class QuotaStatusSlash(QuotaStatus):
     """The same with a trailing slash (left out of the schema)."""
+
+
+class QuotaMembers(APIView):
+    """Not behind the feature flag, like the caller's own quota status."""
+
+    permission_classes = [IsAuthenticated]
+    renderer_classes = [JSONRenderer]
+
+    @extend_schema(
+        operation_id="usage_quota_members",
+        description=(
+            "Where each member of a workspace stands against the daily quota: plan, limit (null = uncapped), used "
+            "and remaining today from the live counters, the next reset (00:00 UTC), and `quota_rejections`: calls "
+            "the quota refused over UTC days `start`..`end` (default: the last 30 days). Admins get every member, "
+            "a member only themself. `workspace` (slug) defaults to the first workspace the caller administers."
+        ),
+        parameters=[
+            OpenApiParameter("workspace", str, description="Workspace slug."),
+            OpenApiParameter("start", OpenApiTypes.DATE, description="First UTC day of the refusal count."),
+            OpenApiParameter("end", OpenApiTypes.DATE, description="Last UTC day, inclusive (default: today)."),
+        ],
+        responses={200: OpenApiTypes.OBJECT, 503: OpenApiResponse(description="Quota counters unavailable.")},
+    )
+    def get(self, request: Request) -> Response:
+        form = UsageQuerySerializer(data=request.query_params)
+        form.is_valid(raise_exception=True)
+        data = form.validated_data
+        memberships = Membership.objects.filter(user=request.user).select_related("workspace")
+        restrict = key_workspace_ids(request)
+        if restrict is not None:
+            memberships = memberships.filter(workspace_id__in=restrict)
+        if data["workspace"]:
+            memberships = memberships.filter(workspace__slug=data["workspace"])
+        membership = memberships.order_by("role", "workspace__slug").first()  # "admin" sorts first
+        if membership is None:
+            raise exceptions.ValidationError({"workspace": ["Unknown workspace, or not yours." if data["workspace"]
+                                                            else "You are not a member of any workspace."]})
+        try:
+            rows = member_quotas(workspace_id=membership.workspace_id, viewer_id=request.user.pk,
+                                 viewer_is_admin=membership.role == Role.ADMIN, start=data["start"], end=data["end"],
+                                 now=timezone.now())
+        except QuotaUnavailable:
+            raise ServiceUnavailable() from None
+        return Response({"workspace": membership.workspace.slug, "start": data["start"].isoformat(),
+                         "end": data["end"].isoformat(), "results": [row.as_json() for row in rows]})

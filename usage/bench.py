@@ -1,4 +1,4 @@
-"""Usage reporting benchmark (issue 6): ``python -m usage.bench --events 1000000 --days 30``.
+"""Usage reporting benchmark: ``python -m usage.bench --events 1000000 --days 30``.
 
 Needs a real PostgreSQL in DATABASE_URL (refuses SQLite) — run it on a throwaway database, e.g.
 ``bash .ci/with-services.sh .venv/bin/python -m usage.bench`` which starts a private one. It

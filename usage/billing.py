@@ -7,8 +7,9 @@ A hook is any object with a ``handle_day(day, rows)`` method (``BillingHook`` be
 * ``day`` — the UTC ``datetime.date`` just finalised;
 * ``rows`` — a lazy ``QuerySet[UsageDaily]`` of that day's buckets, one per (workspace, user,
   server, tool), with ``requests``, ``counted``, ``errors``, ``quota_rejections``, ``blocked``,
-  ``tokens_in``/``tokens_out``, ``bytes_in``/``bytes_out`` and latency figures. Iterate it with
-  ``.iterator()`` or aggregate it in SQL; do not load it whole if days can be large.
+  ``timeouts``, ``upstream_errors``, ``client_disconnects``, ``tokens_in``/``tokens_out``,
+  ``bytes_in``/``bytes_out`` and latency figures. Iterate it with ``.iterator()`` or aggregate it
+  in SQL; do not load it whole if days can be large.
 
 ``settings.USAGE_BILLING_HOOKS`` lists the hooks as dotted paths (environment variable, comma
 separated; default: ``usage.billing.BillingRecordHook``). A path may name a class (instantiated

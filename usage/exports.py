@@ -31,8 +31,20 @@ from django.core.handlers.asgi import ASGIRequest
 from django.db.models import Case, F, QuerySet, When
 from django.http import HttpRequest, StreamingHttpResponse
 
-from usage.models import UsageEvent
-from usage.queries import SUMMED, UsageQuery, as_date, as_datetime, as_float, as_int, as_uuid, iso, midnight
+from usage.models import Outcome, UsageEvent
+from usage.queries import (
+    OUTCOME_COUNTS,
+    SUMMED,
+    UsageQuery,
+    as_date,
+    as_datetime,
+    as_float,
+    as_int,
+    as_uuid,
+    iso,
+    midnight,
+    outcome_split,
+)
 
 CHUNK_ROWS = 2000  # rows fetched per round trip (server-side cursor)
 FLUSH_ROWS = 500  # rows per streamed chunk
@@ -46,7 +58,11 @@ EXTENSIONS = {"csv": "csv", "json": "json", "jsonl": "jsonl"}
 
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 
-METRIC_COLUMNS = (*SUMMED, "latency_avg_ms", "latency_p95_ms", "first_at", "last_at")
+# The outcome columns came later: appended after every historical column, so that loaders reading
+# columns by position keep working.
+LEGACY_SUMMED = tuple(c for c in SUMMED if c not in OUTCOME_COUNTS)
+METRIC_COLUMNS = (*LEGACY_SUMMED, "latency_avg_ms", "latency_p95_ms", "first_at", "last_at")
+OUTCOME_COLUMNS = (*OUTCOME_COUNTS, *(f"outcome_{o}" for o in Outcome.values))
 EVENT_COLUMNS = (
     "created_at", "workspace", "user_id", "username", "email", "server_id", "server_name", "api_key_id", "method",
     "tool", "request_id", "jsonrpc_id", "outcome", "counted", "tokens_in", "tokens_out", "bytes_in", "bytes_out",
@@ -95,6 +111,7 @@ def grouped_columns(group_by: Sequence[str]) -> list[str]:
         columns.append("unique_tools")
     if "user" in group_by:
         columns.append("error_rate")
+    columns += OUTCOME_COLUMNS
     return columns
 
 
@@ -117,7 +134,7 @@ def grouped_row(raw: dict[str, Any], group_by: Sequence[str], pseudonyms: Pseudo
         else:
             row["tool"] = raw["tool"]
     requests = as_int(raw["requests"])
-    for column in SUMMED:
+    for column in LEGACY_SUMMED:
         row[column] = as_int(raw[column])
     row["latency_avg_ms"] = round(float(raw["latency_sum_ms"] or 0) / requests, 3) if requests else None
     row["latency_p95_ms"] = as_float(raw["latency_p95_ms"])
@@ -127,13 +144,23 @@ def grouped_row(raw: dict[str, Any], group_by: Sequence[str], pseudonyms: Pseudo
         row["unique_tools"] = as_int(raw["unique_tools"])
     if "user" in group_by:
         row["error_rate"] = round(row["errors"] / requests, 4) if requests else None
+    for column in OUTCOME_COUNTS:
+        row[column] = as_int(raw[column])
+    row["outcomes"] = outcome_split(row)
     return row
+
+
+def flat_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A grouped row for files: the outcome split as ``outcome_<name>`` columns, one value per cell."""
+    flat = {k: v for k, v in row.items() if k != "outcomes"}
+    flat.update({f"outcome_{name}": count for name, count in row["outcomes"].items()})
+    return flat
 
 
 def grouped_rows(query: UsageQuery, *, pseudonymize: bool) -> Iterator[dict[str, Any]]:
     pseudonyms = Pseudonymizer() if pseudonymize else None
     for raw in query.stream(chunk_size=CHUNK_ROWS, pseudonymize=pseudonymize):
-        yield grouped_row(raw, query.group_by, pseudonyms)
+        yield flat_row(grouped_row(raw, query.group_by, pseudonyms))
 
 
 _EVENT_FIELDS = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as dt_time
 
@@ -120,7 +121,7 @@ class UsageEvent(models.Model):
         return f"{self.method} {self.outcome} at {self.created_at:%Y-%m-%d %H:%M:%S}"
 
 
-# -- daily aggregates (issue 6) -------------------------------------------------------------------
+# -- daily aggregates ---------------------------------------------------------------------------
 
 # Outcomes that count as errors in the aggregates and the usage API.
 ERROR_OUTCOMES = (Outcome.ERROR, Outcome.TIMEOUT, Outcome.UPSTREAM_ERROR)
@@ -233,3 +234,70 @@ class BillingRecord(models.Model):
 
     def __str__(self) -> str:
         return f"{self.day} ws={self.workspace_id} user={self.user_id}: {self.counted} uses"
+
+
+# -- usage alerts ---------------------------------------------------------------------------------
+
+
+class AlertKind(models.TextChoices):
+    MEMBER_DAILY_CALLS = "member_daily_calls", "Member tool calls in a UTC day"
+    SERVER_ERROR_RATE = "server_error_rate", "Server error rate over the last hour"
+    QUOTA_REJECTION = "quota_rejection", "Quota rejection"
+
+
+class AlertRuleQuerySet(models.QuerySet["AlertRule"]):
+    def with_last_breach(self) -> AlertRuleQuerySet:
+        return self.annotate(last_breach_at=models.Max("breaches__detected_at"))
+
+
+class AlertRule(models.Model):
+    """A condition on a workspace's raw usage events that notifies its admins, written only by
+    ``usage.alerts``. No member (or no server) means any member (or every server) of the workspace.
+    ``threshold`` is a number of tool calls, or a percentage for the error rate; quota rejections
+    fire on the first one."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    workspace = models.ForeignKey("twinmcp.Workspace", on_delete=models.CASCADE, related_name="alert_rules")
+    kind = models.CharField(max_length=32, choices=AlertKind.choices)
+    member = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE,
+                               related_name="+")
+    server = models.ForeignKey("external_mcp.ExternalMcpServer", null=True, blank=True, on_delete=models.CASCADE,
+                               related_name="+")
+    threshold = models.PositiveIntegerField(default=0)
+    min_calls = models.PositiveIntegerField(
+        default=20, help_text="Error rate only: fewer requests in the hour never fire.")
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    objects = AlertRuleQuerySet.as_manager()
+
+    class Meta:
+        db_table = "usage_alert_rules"
+        ordering = ["created_at", "id"]
+        indexes = [models.Index(fields=["kind", "enabled"], name="usage_alert_rule_kind")]
+
+    def __str__(self) -> str:
+        return f"{self.kind} in workspace {self.workspace_id}"
+
+
+class AlertBreach(models.Model):
+    """One breach of a rule: by whom (``subject``: a member or a server) in which window (the
+    UTC day, or the UTC hour it was detected in). The unique key is what makes a breach notify once,
+    whichever worker sees it first."""
+
+    rule = models.ForeignKey(AlertRule, on_delete=models.CASCADE, related_name="breaches")
+    subject = models.CharField(max_length=64)
+    window_start = models.DateTimeField()
+    value = models.FloatField(help_text="The figure that crossed the threshold when first detected.")
+    detected_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        db_table = "usage_alert_breaches"
+        ordering = ["-detected_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["rule", "subject", "window_start"], name="usage_alert_breach_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"rule {self.rule_id} {self.subject} at {self.window_start:%Y-%m-%d %H:%M}"

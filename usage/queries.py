@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as dt_time
@@ -49,11 +49,14 @@ DIMENSION_COLUMN = {"day": "day", "user": "user_id", "server": "server_id", "too
 # The columns of one bucket, in order: UsageDaily rows and grouped raw events both produce them.
 BUCKET_COLUMNS = (
     "day", "workspace_id", "user_id", "server_id", "tool", "requests", "counted", "errors", "quota_rejections",
-    "blocked", "tokens_in", "tokens_out", "bytes_in", "bytes_out", "latency_sum_ms", "latency_p95_ms", "first_at",
-    "last_at",
+    "blocked", "timeouts", "upstream_errors", "client_disconnects", "tokens_in", "tokens_out", "bytes_in",
+    "bytes_out", "latency_sum_ms", "latency_p95_ms", "first_at", "last_at",
 )
+# Outcome counts added after the first columns: kept at the end of SUMMED, so that exports can
+# keep their historical column order and append these.
+OUTCOME_COUNTS = ("timeouts", "upstream_errors", "client_disconnects")
 SUMMED = ("requests", "counted", "errors", "quota_rejections", "blocked", "tokens_in", "tokens_out", "bytes_in",
-          "bytes_out")
+          "bytes_out", *OUTCOME_COUNTS)
 
 
 # -- p95 -------------------------------------------------------------------------------------------
@@ -128,6 +131,9 @@ def event_buckets(events: QuerySet[UsageEvent], *, with_avg: bool = False, with_
         "b_errors": Count("id", filter=Q(outcome__in=ERROR_OUTCOMES)),
         "b_quota": Count("id", filter=Q(outcome=Outcome.QUOTA)),
         "b_blocked": Count("id", filter=Q(outcome=Outcome.BLOCKED)),
+        "b_timeouts": Count("id", filter=Q(outcome=Outcome.TIMEOUT)),
+        "b_upstream_errors": Count("id", filter=Q(outcome=Outcome.UPSTREAM_ERROR)),
+        "b_client_disconnects": Count("id", filter=Q(outcome=Outcome.CLIENT_DISCONNECT)),
         "b_tokens_in": Sum("tokens_in"),
         "b_tokens_out": Sum("tokens_out"),
         "b_bytes_in": Sum("bytes_in"),
@@ -453,6 +459,25 @@ def _meta_table(app_label: str, model_name: str) -> str:
     return apps.get_model(app_label, model_name)._meta.db_table
 
 
+def outcome_split(figures: Mapping[str, Any]) -> dict[str, int]:
+    """Requests per ``Outcome``, from summed bucket figures. ``errors`` holds error, timeout and
+    upstream_error together (kept so for older clients), so the plain errors are what is left of it;
+    ok is every request no other outcome claims."""
+    requests, errors = as_int(figures.get("requests")), as_int(figures.get("errors"))
+    timeouts, upstream = as_int(figures.get("timeouts")), as_int(figures.get("upstream_errors"))
+    quota, blocked = as_int(figures.get("quota_rejections")), as_int(figures.get("blocked"))
+    disconnects = as_int(figures.get("client_disconnects"))
+    return {
+        Outcome.OK.value: max(requests - errors - quota - blocked - disconnects, 0),
+        Outcome.ERROR.value: max(errors - timeouts - upstream, 0),
+        Outcome.QUOTA.value: quota,
+        Outcome.BLOCKED.value: blocked,
+        Outcome.TIMEOUT.value: timeouts,
+        Outcome.UPSTREAM_ERROR.value: upstream,
+        Outcome.CLIENT_DISCONNECT.value: disconnects,
+    }
+
+
 def totals_from(source: dict[str, Any]) -> dict[str, Any]:
     requests = as_int(source.get("total_requests"))
     latency_sum = float(source.get("total_latency_sum_ms") or 0)
@@ -462,5 +487,6 @@ def totals_from(source: dict[str, Any]) -> dict[str, Any]:
     totals["latency_p95_ms"] = as_float(source.get("total_latency_p95_ms")) if single_bucket else None
     totals["first_at"] = iso(as_datetime(source.get("total_first_at")))
     totals["last_at"] = iso(as_datetime(source.get("total_last_at")))
+    totals["outcomes"] = outcome_split(totals)
     return totals
 

@@ -115,6 +115,13 @@ class UsageTotalsSerializer(serializers.Serializer):
                   "a single bucket): percentiles of several buckets cannot be derived from theirs.")
     first_at = serializers.DateTimeField(allow_null=True)
     last_at = serializers.DateTimeField(allow_null=True)
+    timeouts = serializers.IntegerField(help_text="Outcome timeout (also counted in errors).")
+    upstream_errors = serializers.IntegerField(help_text="Outcome upstream_error (also counted in errors).")
+    client_disconnects = serializers.IntegerField(help_text="Outcome client_disconnect.")
+    outcomes = serializers.DictField(
+        child=serializers.IntegerField(),
+        help_text="Requests per outcome: ok, error, quota, blocked, timeout, upstream_error, client_disconnect; "
+                  "they add up to requests (ok is what no other outcome claims).")
 
 
 class UsageRowSerializer(UsageTotalsSerializer):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from usage import aggregation, retention
+from usage import aggregation, alerts, retention
 
 
 @shared_task(ignore_result=True)
@@ -18,3 +18,9 @@ def aggregate_usage() -> list[str]:
 def purge_usage() -> str:
     """Daily: delete raw events past EXTERNAL_MCP_USAGE_RETENTION_DAYS (finalised days only)."""
     return str(retention.purge())
+
+
+@shared_task(ignore_result=True)
+def evaluate_usage_alerts() -> int:
+    """Every minute: notify the admins of each new breach of an enabled usage alert rule, once."""
+    return alerts.alerts_evaluate()

@@ -9,4 +9,5 @@ urlpatterns = [
     path("api/v1/external-mcp/usage/export/", api.UsageExportSlash.as_view(), name="usage-export-slash"),
     path("api/v1/usage/quota", api.QuotaStatus.as_view(), name="usage-quota"),
     path("api/v1/usage/quota/", api.QuotaStatusSlash.as_view(), name="usage-quota-slash"),
+    path("api/v1/usage/quota/members", api.QuotaMembers.as_view(), name="usage-quota-members"),
 ]

@@ -19,6 +19,7 @@ from django.views.decorators.http import require_http_methods
 from external_mcp.models import ExternalMcpServer, ExternalMcpTool
 from twinmcp.context_processors import require_external_mcp_page
 from twinmcp.models import Membership, Role
+from usage.outcomes import outcome_legend
 from usage.queries import range_start
 from usage.serializers import DEFAULT_RANGE_DAYS
 
@@ -75,7 +76,12 @@ def dashboard(request: HttpRequest) -> HttpResponse:
     for server in servers:
         server.label = f"{server.name} ({server.workspace.name})" if multi else server.name
     form = UsageFilterForm(request.GET or None, users=users, servers=servers)
-    data = form.cleaned_data if form.is_valid() else {}
+    data: dict[str, Any] = {}
+    if form.is_bound:
+        # A link may carry one stale filter (a server deleted since): its field shows the error and
+        # the other filters still apply.
+        form.is_valid()
+        data = form.cleaned_data
     today = timezone.now().date()
     start, end = _period(data, today)
     query: dict[str, Any] = {"start": start.isoformat(), "end": end.isoformat()}
@@ -108,5 +114,7 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         "export_json": f"{USAGE_EXPORT_API}?{urlencode({'format': 'json', **query})}",
         "presets": presets,
         "known_tools": list(tools),
+        "outcomes": outcome_legend(),
+        "filtered": any(data.get(name) for name in ("user", "server", "tool")),
     }
     return render(request, "usage/dashboard.html", context)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from urllib.parse import urljoin
 
 from django.conf import settings
+from django.urls import reverse
 
 from external_mcp import metrics
 from external_mcp.gateway.call import Call
@@ -16,6 +17,12 @@ from external_mcp.proxy_cache import KeyInfo
 from usage.limiter import get_limiter
 from usage.models import Outcome
 from usage.quota import QuotaUnavailable
+
+
+def plan_page_url() -> str:
+    """Absolute (agents have no base URL to resolve a path against), and always TwinMCP's plan page:
+    the person behind the agent lands where the limit is explained and the upgrade offered."""
+    return urljoin(f"{settings.TWINMCP_PUBLIC_URL}/", reverse("usage-ui-billing"))
 
 
 async def take(call: Call, key: KeyInfo) -> list[tuple[bytes, bytes]]:
@@ -47,7 +54,7 @@ async def take(call: Call, key: KeyInfo) -> list[tuple[bytes, bytes]]:
             outcome=Outcome.QUOTA, headers=[(b"retry-after", str(decision.retry_after).encode()), *headers],
             data={"limit": decision.limit, "remaining": 0, "used": decision.used,
                   "reset_at": decision.reset_at.isoformat().replace("+00:00", "Z"), "plan": key.plan,
-                  "upgrade_url": urljoin(f"{settings.TWINMCP_PUBLIC_URL}/", settings.TWINMCP_UPGRADE_URL)},
+                  "upgrade_url": plan_page_url()},
         )
     return headers
 
