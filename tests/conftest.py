@@ -47,6 +47,20 @@ def _fresh_cache():
     cache.clear()
 
 
+@pytest.fixture(autouse=True)
+def _usable_connection(django_db_blocker):
+    """A module that ran the gateway ends its worker threads' connections (``close_gateway_connections``).
+    In a browser module Playwright's running loop gives Django a context-local connection, so that
+    call may end this thread's own one too: the next test then starts on a fresh one."""
+    from django.db import connection
+
+    if connection.connection is not None and not connection.in_atomic_block:
+        with django_db_blocker.unblock():
+            if not connection.is_usable():
+                connection.close()
+    yield
+
+
 @pytest.fixture
 def workspace(db) -> Workspace:
     return services.workspace_create(slug="acme", name="Acme")
