@@ -47,6 +47,16 @@ def _fresh_cache():
     cache.clear()
 
 
+@pytest.fixture
+def loopback(settings):
+    """Checks of live peers on 127.0.0.1 allowed, and passing however loaded the machine is
+    (slowness has its own tests)."""
+    settings.EXTERNAL_MCP_ALLOWED_PROTOCOLS = ["https", "http"]
+    settings.EXTERNAL_MCP_ALLOWED_NETWORKS = ["127.0.0.1/32"]
+    settings.EXTERNAL_MCP_HEALTH_TIMEOUT_MS = 30_000
+    settings.EXTERNAL_MCP_HEALTH_SLOW_MS = 30_000
+
+
 @pytest.fixture(autouse=True)
 def _usable_connection(django_db_blocker):
     """A module that ran the gateway ends its worker threads' connections (``close_gateway_connections``).

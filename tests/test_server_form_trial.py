@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from contextlib import closing
 
-import pytest
-
 from external_mcp import services, trial
 from external_mcp.models import (
     AuditEvent,
@@ -22,14 +20,6 @@ from tests import mcp_peers
 HTMX = {"HTTP_HX_REQUEST": "true"}
 ADD_TEST = "/servers/new/test/"
 CANARY = "canary-Trial-9-secret"
-
-
-@pytest.fixture
-def loopback(settings):
-    settings.EXTERNAL_MCP_ALLOWED_PROTOCOLS = ["https", "http"]
-    settings.EXTERNAL_MCP_ALLOWED_NETWORKS = ["127.0.0.1/32"]
-    settings.EXTERNAL_MCP_HEALTH_TIMEOUT_MS = 30_000
-    settings.EXTERNAL_MCP_HEALTH_SLOW_MS = 30_000
 
 
 def form(**data) -> dict:

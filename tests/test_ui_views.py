@@ -23,15 +23,6 @@ CANARY = "canary-Ui7-secret"
 PUBLIC_URL = "https://93.184.215.14/mcp"
 
 
-@pytest.fixture
-def loopback(settings):
-    settings.EXTERNAL_MCP_ALLOWED_PROTOCOLS = ["https", "http"]
-    settings.EXTERNAL_MCP_ALLOWED_NETWORKS = ["127.0.0.1/32"]
-    # A check of a live loopback peer must pass however loaded the machine is (slowness has its own tests).
-    settings.EXTERNAL_MCP_HEALTH_TIMEOUT_MS = 30_000
-    settings.EXTERNAL_MCP_HEALTH_SLOW_MS = 30_000
-
-
 def make_server(actor, name="alpha", url=PUBLIC_URL, **kwargs) -> ExternalMcpServer:
     return services.server_create(workspace=actor.workspace, actor=actor.user, name=name, base_url=url, **kwargs)
 

@@ -4,7 +4,6 @@ the last admin) live in ``twinmcp.members``, whose errors land next to these fie
 from __future__ import annotations
 
 from django import forms
-from django.core.exceptions import ValidationError
 
 from twinmcp.models import Role
 
@@ -35,11 +34,3 @@ class MemberCreateForm(forms.Form):
 
 class MemberRoleForm(forms.Form):
     role = forms.ChoiceField(label="Role", choices=Role.choices)
-
-
-def apply_errors(exc: ValidationError, form: forms.Form) -> None:
-    """A service's field errors next to the field of the same name; others at the top."""
-    errors = exc.message_dict if hasattr(exc, "error_dict") else {"__all__": exc.messages}
-    for field, messages in errors.items():
-        for message in messages:
-            form.add_error(field if field in form.fields else None, message)

@@ -17,8 +17,9 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
+from external_mcp.forms import apply_service_errors
 from twinmcp import members, show_once
-from twinmcp.member_forms import MemberAddForm, MemberCreateForm, MemberRoleForm, apply_errors
+from twinmcp.member_forms import MemberAddForm, MemberCreateForm, MemberRoleForm
 from twinmcp.models import Membership, Role, Workspace
 
 NEW_PASSWORD = "new-member-password"
@@ -102,7 +103,7 @@ def member_add(request: HttpRequest, workspace_id: Any) -> HttpResponse:
             members.membership_add(workspace=mine.workspace, actor=request.user, user=user,
                                    role=form.cleaned_data["role"])
         except ValidationError as exc:
-            apply_errors(exc, form)
+            apply_service_errors(exc, form)
         else:
             messages.success(request, f"{user.get_username()} added to {mine.workspace.name} as "
                                       f"{Role(form.cleaned_data['role']).label.lower()}.")
@@ -122,7 +123,7 @@ def member_create(request: HttpRequest, workspace_id: Any) -> HttpResponse:
                 workspace=mine.workspace, actor=request.user, username=data["username"], email=data["email"],
                 password=data["password"], role=data["role"])
         except ValidationError as exc:
-            apply_errors(exc, form)
+            apply_service_errors(exc, form)
         else:
             username = membership.user.get_username()
             if generated:

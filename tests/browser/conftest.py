@@ -135,3 +135,28 @@ def login(page, username: str) -> None:
     page.get_by_label("Password").fill(PASSWORD)
     page.get_by_role("button", name="Log in").click()
     page.wait_for_url(re.compile(r"/$"))
+
+
+def in_thread(fn, *args):
+    """Django work that runs its own event loop (``asyncio.run`` inside a check or a call), off the
+    thread Playwright's loop lives on; the thread's database connections end with it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from django.db import connections
+
+    def run():
+        try:
+            return fn(*args)
+        finally:
+            connections.close_all()
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(run).result(timeout=60)
+
+
+def check(server_id):
+    """One health check of the server now, recorded as the scheduled ones are."""
+    from external_mcp import health
+    from external_mcp.models import ExternalMcpServer
+
+    return health.check_now(ExternalMcpServer.objects.select_related("credential").get(pk=server_id))

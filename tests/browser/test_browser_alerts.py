@@ -5,29 +5,15 @@ rule's last breach, and disabling a rule updates its row in place (htmx). Pages 
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
-from django.db import connections
 from django.utils import timezone
 from playwright.sync_api import expect
 
-from tests.browser.conftest import login, screenshot
+from tests.browser.conftest import in_thread, login, screenshot
 from usage import alerts
 from usage.models import AlertRule, Outcome, UsageEvent
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def in_thread(fn, *args):
-    def run():
-        try:
-            return fn(*args)
-        finally:
-            connections.close_all()
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(run).result(timeout=30)
 
 
 def breach(people) -> int:

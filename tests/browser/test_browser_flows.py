@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import json
 import re
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import time_machine
-from django.db import connections
 from django.utils import timezone
 
-from external_mcp import catalog, health
+from external_mcp import catalog
 from external_mcp.models import ExternalMcpServer, ExternalMcpTool, Notification
 from tests import mcp_peers
-from tests.browser.conftest import login, screenshot
+from tests.browser.conftest import check, in_thread, login, screenshot
 from twinmcp import services
 from usage.limiter import get_limiter
 from usage.models import UsageEvent
@@ -29,23 +27,6 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 
-
-
-def in_thread(fn, *args):
-    """Run Django work (asyncio.run inside check_now) off the thread Playwright's loop lives on."""
-
-    def run():
-        try:
-            return fn(*args)
-        finally:
-            connections.close_all()
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(run).result(timeout=30)
-
-
-def check(server_id):
-    return health.check_now(ExternalMcpServer.objects.select_related("credential").get(pk=server_id))
 
 
 def test_add_test_approve_then_watch_the_status_change_without_reload(page, people):

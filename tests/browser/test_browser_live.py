@@ -19,8 +19,7 @@ from external_mcp import catalog, services
 from external_mcp.choices import ToolState
 from external_mcp.models import ExternalMcpTool, HealthCheck
 from tests import mcp_peers
-from tests.browser.conftest import login, screenshot
-from tests.browser.test_browser_flows import check, in_thread
+from tests.browser.conftest import check, in_thread, login, screenshot
 from tests.gateway import agent, proxy_url
 from twinmcp import services as twinmcp_services
 

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import re
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
-from django.db import connections
 
 from external_mcp.models import ExternalMcpServer
 from tests import mcp_peers
-from tests.browser.conftest import CHROMIUM_ARGS, DESKTOP, PageProblems, login, screenshot
+from tests.browser.conftest import CHROMIUM_ARGS, DESKTOP, PageProblems, in_thread, login, screenshot
 from tests.gateway import register
 from tests.test_playground import gated_server
 from usage.models import UsageEvent
@@ -44,19 +42,6 @@ def app_page(browser, gateway, settings):
     yield page
     context.close()
     assert problems.items == [], problems.items
-
-
-def in_thread(fn, *args):
-    """Django work that runs its own event loop, off the thread Playwright's loop lives on."""
-
-    def run():
-        try:
-            return fn(*args)
-        finally:
-            connections.close_all()
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(run).result(timeout=60)
 
 
 def test_try_a_tool_see_its_progress_as_it_runs_then_the_result(app_page, people, expect):
