@@ -15,6 +15,8 @@ from hypothesis import settings as hypothesis_settings
 from rest_framework.test import APIClient
 
 from external_mcp import services, toolsets
+from usage import alerts
+from usage.models import AlertKind
 
 
 @pytest.fixture
@@ -45,7 +47,13 @@ def seeded_toolset(seeded, admin):
                                    servers=[str(seeded.pk)])
 
 
-def test_schema_operations_never_answer_5xx(seeded, seeded_toolset, admin, wsgi_app):
+@pytest.fixture
+def seeded_rule(seeded, admin):
+    return alerts.alert_rule_create(workspace=admin.workspace, actor=admin.user, kind=AlertKind.MEMBER_DAILY_CALLS,
+                                    threshold=100)
+
+
+def test_schema_operations_never_answer_5xx(seeded, seeded_toolset, seeded_rule, admin, wsgi_app):
     schema = schemathesis.openapi.from_wsgi("/api/schema/", wsgi_app)
     # The MCP proxy path is served by the ASGI router, not this WSGI app: tests/test_proxy.py covers it.
     operations = [op for op in (result.ok() for result in schema.get_all_operations())
@@ -96,7 +104,8 @@ def body_properties(client: APIClient, operation: dict) -> list[str]:
     return list(schema.get("properties", {}))
 
 
-def test_hostile_inputs_on_every_documented_operation_get_json_4xx(seeded, seeded_toolset, admin, settings):
+def test_hostile_inputs_on_every_documented_operation_get_json_4xx(seeded, seeded_toolset, seeded_rule, admin,
+                                                                   settings):
     """Huge and malformed integers in every integer query parameter (a 400 naming it), NULs and
     invalid UTF-8 in every parameter, malformed path ids (JSON 404), JSON nested 100,000 deep and
     bodies over the upload limit on every operation that takes a body: never a 5xx, never HTML."""
@@ -125,7 +134,7 @@ def test_hostile_inputs_on_every_documented_operation_get_json_4xx(seeded, seede
         parameters = operation.get("parameters", [])
         url = (path.replace("{server_id}", str(seeded.pk)).replace("{toolset_id}", str(seeded_toolset.pk))
                .replace("{key_id}", str(uuid.uuid4())).replace("{workspace_id}", str(seeded.workspace_id))
-               .replace("{user_id}", str(admin.user.pk)))
+               .replace("{user_id}", str(admin.user.pk)).replace("{rule_id}", str(seeded_rule.pk)))
         for parameter in parameters:
             name, kind = parameter["name"], parameter["schema"].get("type")
             if parameter["in"] == "path":

@@ -7,7 +7,6 @@ A rule's id is parsed here rather than by the URL converter, so that anything bu
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 from django.db.models import QuerySet
@@ -44,10 +43,6 @@ class AlertRuleView(APIView):
                 .select_related("workspace", "member", "server").with_last_breach())
 
     def get_rule(self, rule_id: Any) -> AlertRule:
-        try:
-            rule_id = uuid.UUID(str(rule_id))
-        except ValueError:
-            raise Http404 from None
         roles = self.roles()
         rule = self.rules(list(roles)).filter(pk=rule_id).first()
         if rule is None:

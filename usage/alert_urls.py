@@ -6,5 +6,5 @@ from usage import alert_api
 
 urlpatterns = [
     path("api/v1/usage/alert-rules/", alert_api.AlertRuleListCreate.as_view(), name="usage-alert-rules"),
-    path("api/v1/usage/alert-rules/<str:rule_id>/", alert_api.AlertRuleDetail.as_view(), name="usage-alert-rule"),
+    path("api/v1/usage/alert-rules/<uuid:rule_id>/", alert_api.AlertRuleDetail.as_view(), name="usage-alert-rule"),
 ]
