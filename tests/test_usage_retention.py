@@ -10,8 +10,8 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from tests.test_usage_aggregation import at, ev, make_server, store
-from usage import aggregation, retention, tasks
-from usage.models import QuotaCounter, UsageDaily, UsageDayState, UsageEvent
+from usage import aggregation, alerts, retention, tasks
+from usage.models import AlertBreach, AlertKind, QuotaCounter, UsageDaily, UsageDayState, UsageEvent
 
 TODAY = date(2026, 11, 24)
 NOW = at(TODAY, 3)
@@ -94,9 +94,19 @@ def test_old_quota_counters_are_deleted(admin, member):
         old(3), old(1), old(0)]
 
 
+def test_alert_breaches_older_than_the_retention_go(admin):
+    rule = alerts.alert_rule_create(workspace=admin.workspace, actor=admin.user, kind=AlertKind.QUOTA_REJECTION)
+    for days_ago in (11, 10, 9):
+        AlertBreach.objects.create(rule=rule, subject=str(admin.user.pk), window_start=at(old(days_ago), 0),
+                                   value=1, detected_at=at(old(days_ago), 23))
+    result = retention.purge(NOW)
+    assert result.breaches_deleted == 1 and "1 alert breaches" in str(result)
+    assert sorted(AlertBreach.objects.values_list("window_start", flat=True)) == [at(old(10), 0), at(old(9), 0)]
+
+
 def test_nothing_to_purge(db):
     result = retention.purge(NOW)
-    assert (result.events_deleted, result.counters_deleted, result.batches) == (0, 0, 0)
+    assert (result.events_deleted, result.counters_deleted, result.breaches_deleted, result.batches) == (0, 0, 0, 0)
     assert "deleted 0 usage events" in str(result)
 
 

@@ -9,6 +9,8 @@ daily aggregates are kept (forever). Runs daily from Celery beat (``usage.tasks.
   short transaction), so no long lock blocks the proxy's inserts.
 * Quota counter rows (``QuotaCounter``, the database fallback of the limiter) older than
   ``USAGE_QUOTA_COUNTER_KEEP_DAYS`` days are deleted too; only today's row is ever read.
+* Usage-alert breaches detected before the raw-event cutoff go as well: their only use is to
+  notify once per window, and no rule evaluates a window that old again.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from django.conf import settings
 from django.db.models import Min, Q, QuerySet
 from django.utils import timezone
 
-from usage.models import DayState, QuotaCounter, UsageDayState, UsageEvent
+from usage.models import AlertBreach, DayState, QuotaCounter, UsageDayState, UsageEvent
 from usage.queries import days_between, midnight
 
 logger = logging.getLogger(__name__)
@@ -35,11 +37,12 @@ class PurgeResult:
     events_deleted: int
     counters_deleted: int
     batches: int
+    breaches_deleted: int = 0
 
     def __str__(self) -> str:
         held = f" (held back at {self.boundary}: not finalised)" if self.boundary < self.cutoff else ""
         return (f"deleted {self.events_deleted} usage events before {self.boundary}{held} in {self.batches} "
-                f"batches, {self.counters_deleted} quota counters")
+                f"batches, {self.counters_deleted} quota counters, {self.breaches_deleted} alert breaches")
 
 
 def purge_boundary(cutoff: date) -> date:
@@ -96,6 +99,8 @@ def purge(now: datetime | None = None, *, batch_size: int | None = None, pause: 
     keep_from = today - timedelta(days=settings.USAGE_QUOTA_COUNTER_KEEP_DAYS)
     counters, counter_batches = delete_in_batches(QuotaCounter.objects.filter(day__lt=keep_from),
                                                   batch_size=batch_size, pause=pause)
-    result = PurgeResult(cutoff, boundary, events, counters, batches + counter_batches)
+    breaches, breach_batches = delete_in_batches(AlertBreach.objects.filter(detected_at__lt=midnight(cutoff)),
+                                                 batch_size=batch_size, pause=pause)
+    result = PurgeResult(cutoff, boundary, events, counters, batches + counter_batches + breach_batches, breaches)
     logger.info("usage retention: %s", result)
     return result
