@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 from django.contrib.auth.decorators import login_required
-from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.exceptions import ValidationError
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.http import require_POST
 
@@ -19,9 +19,17 @@ from external_mcp import catalog, storable, trial
 from external_mcp.choices import AuthType
 from external_mcp.forms import CredentialsForm, ServerForm, apply_service_errors
 from external_mcp.models import ExternalMcpServer
-from external_mcp.views import _all_valid, _cred_form, _form_page, _get_server, _partial, _render, check_summary
+from external_mcp.views import (
+    _all_valid,
+    _cred_form,
+    _form_page,
+    _get_server,
+    _partial,
+    _render,
+    check_summary,
+    workspaces_to_add_to,
+)
 from twinmcp.context_processors import require_external_mcp_page
-from twinmcp.models import Membership, Role
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +43,7 @@ TOO_MANY = "Too many tests in the last minute; wait a moment, then test again."
 @require_POST
 def server_add_test(request: HttpRequest) -> HttpResponse:
     require_external_mcp_page(request)
-    admin_of = [m.workspace for m in Membership.objects.filter(user=request.user, role=Role.ADMIN)
-                .select_related("workspace").order_by("workspace__name")]
-    if not admin_of:
-        raise PermissionDenied("Only workspace admins can add servers.")
-    form = ServerForm(request.POST, workspaces=admin_of)
+    form = ServerForm(request.POST, workspaces=workspaces_to_add_to(request))
     cred_form = _cred_form(None, request.POST.get("auth_type") or AuthType.NONE, request.POST, request.FILES,
                            owner=request.user)
     return _trial_response(request, server=None, form=form, cred_form=cred_form)

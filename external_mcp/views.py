@@ -53,7 +53,7 @@ from external_mcp.models import ExternalMcpServer, ExternalMcpTool
 from external_mcp.oauth import flow
 from twinmcp.api_errors import LimitReached
 from twinmcp.context_processors import poll_ms, require_external_mcp_page
-from twinmcp.models import Membership, Role
+from twinmcp.models import Membership, Role, Workspace
 
 logger = logging.getLogger(__name__)
 
@@ -304,14 +304,20 @@ def _form_page(request: HttpRequest, *, server: ExternalMcpServer | None, form: 
     return _render(request, "external_mcp/server_form.html", context, partial=partial, status=status)
 
 
+def workspaces_to_add_to(request: HttpRequest) -> list[Workspace]:
+    """The workspaces the caller administers, where a server may be added (or tried before): none is a 403."""
+    admin_of = [m.workspace for m in Membership.objects.of_user(request.user).admins()
+                .select_related("workspace").order_by("workspace__name")]
+    if not admin_of:
+        raise PermissionDenied("Only workspace admins can add servers.")
+    return admin_of
+
+
 @login_required
 @require_http_methods(["GET", "POST"])
 def server_add(request: HttpRequest) -> HttpResponse:
     require_external_mcp_page(request)
-    admin_of = [m.workspace for m in Membership.objects.filter(user=request.user, role=Role.ADMIN)
-                .select_related("workspace").order_by("workspace__name")]
-    if not admin_of:
-        raise PermissionDenied("Only workspace admins can add servers.")
+    admin_of = workspaces_to_add_to(request)
     if request.method == "GET":
         auth_type = request.GET.get("auth_type") or AuthType.NONE
         form = ServerForm(initial={"auth_type": auth_type}, workspaces=admin_of)
