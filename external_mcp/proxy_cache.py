@@ -7,6 +7,7 @@ bounds the rest (Django admin edits, Redis unreachable)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -17,6 +18,7 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import close_old_connections
+from yarl import URL
 
 from external_mcp import tool_names
 from external_mcp.auth_schemes import AuthScheme
@@ -66,6 +68,11 @@ class ServerInfo:
     @property
     def disabled(self) -> bool:
         return not self.enabled or self.status == ServerStatus.DISABLED
+
+    @functools.cached_property
+    def url(self) -> URL:
+        """``base_url`` parsed once per cached entry, where aiohttp would parse the string on every call."""
+        return URL(self.base_url)
 
 
 class TTLCache:

@@ -10,7 +10,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 FIELDS = ("event", "request_id", "workspace", "user", "server", "tool", "method", "outcome", "status",
-          "latency_ms", "path")
+          "latency_ms", "path", "endpoint", "stages", "detail")
+FREE_TEXT = {"detail"}
+"""Fields that carry an exception's or an upstream's words, redacted like the message; the others are
+ids, names and numbers TwinMCP checked, and redacting them would cost every request's line."""
 SECRET_PATTERNS = [
     re.compile(r"tmcp_[A-Za-z0-9_-]{20,}"),
     re.compile(r"(?i)(bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}"),
@@ -36,7 +39,7 @@ class JsonFormatter(logging.Formatter):
         for name in FIELDS:
             value = getattr(record, name, None)
             if value is not None:
-                entry[name] = value
+                entry[name] = redact(value) if name in FREE_TEXT and isinstance(value, str) else value
         if record.exc_info:
             entry["exception"] = redact(self.formatException(record.exc_info))
         return json.dumps(entry, default=str)

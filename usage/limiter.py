@@ -33,7 +33,6 @@ import logging
 import math
 import threading
 import time
-import uuid
 from collections.abc import Callable, Generator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from django.db import close_old_connections, connection, connections
 from prometheus_client import Counter, Gauge
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from twinmcp.ids import random_hex
 from usage.quota import (
     DATABASE,
     REDIS,
@@ -175,7 +175,7 @@ Flow = Generator[_Step, Any, T]
 
 
 def _consume_flow(user_id: int, limit: int | None, amount: int, now: datetime) -> Flow[QuotaDecision]:
-    ticket = uuid.uuid4().hex
+    ticket = random_hex()
     keys = [quota_key(user_id, now.date()), EPOCH_KEY, ticket_key(ticket)]
     seed = ""
     for _ in range(4):

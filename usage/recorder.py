@@ -119,7 +119,8 @@ class BatchRecorder:
             self.task = asyncio.get_running_loop().create_task(self._run())
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.queue.put_nowait((row, future))
-        await asyncio.shield(future)
+        # Not shielded: a cancelled caller cancels only its own future; the row is written with its batch.
+        await future
 
     async def _run(self) -> None:
         while True:

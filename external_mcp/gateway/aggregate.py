@@ -65,6 +65,7 @@ class AggregateEndpoint(Pipeline):
         key = call.key = await inbound.authenticate(headers)
         call.endpoint = Endpoint.TOOLSET if toolset_id is not None else Endpoint.WORKSPACE
         view = await load_view(key, toolset_id)
+        call.lap("auth")
         call.toolset_id = toolset_id
         call.accepts_events = b"text/event-stream" in headers.get(b"accept", b"")
         where = scope["path"].rstrip("/")
@@ -74,6 +75,7 @@ class AggregateEndpoint(Pipeline):
             if call.batch:
                 raise ProxyError(400, -32600, "This endpoint takes one JSON-RPC message per request.")
             message = call.messages[0]
+            call.lap("request")
             if message.get("method") == "initialize" and is_request(message) and not _is_modern(message, headers):
                 await initialize(call, key, view, message, where)
                 return
@@ -276,6 +278,7 @@ async def route(call: Call, key: KeyInfo, view: View, agent: Agent, message: dic
     forwarded = {**message, "params": upstream_params}
     call.messages, call.body = [forwarded], dumps(forwarded)
     inbound.govern(call, server, {})
+    call.lap("route")
     extra = await quota.take(call, key)
     server_id = server.id
     call.outgoing = lambda request: {**request, "id": f"{OUTGOING}{server_id}:{dumps(request['id']).decode()}"}
@@ -284,6 +287,7 @@ async def route(call: Call, key: KeyInfo, view: View, agent: Agent, message: dic
     response = await connect(call, agent, member, server, forwarded)
     async with response:
         await relay.answer(call, response, receive, send, extra)
+    call.lap("relay")
 
 
 async def answer_upstream(call: Call, key: KeyInfo, view: View, agent: Agent, message: dict[str, Any],

@@ -65,6 +65,17 @@ class Call:
     incoming: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     """On an aggregate endpoint, how the upstream's response is completed for an agent of
     another era than the upstream's."""
+    stages: dict[str, float] | None = None
+    """With ``EXTERNAL_MCP_STAGE_TIMERS``: milliseconds per stage, for the request's log line."""
+    last_lap: float = 0.0
+
+    def lap(self, stage: str) -> None:
+        """Charge the time since the previous lap (or the start) to ``stage``; free when timers are off,
+        so the laps can stay on the hot path."""
+        if self.stages is not None:
+            now = time.perf_counter()
+            self.stages[stage] = round((now - (self.last_lap or self.started)) * 1000, 3)
+            self.last_lap = now
 
     @property
     def server_label(self) -> str:

@@ -5,10 +5,13 @@ the tools it calls."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import uuid
 
 from django.conf import settings
+from django.core.signals import setting_changed
+from django.dispatch import receiver
 from django.http.request import split_domain_port, validate_host
 from mcp.shared.inbound import decode_header_value
 
@@ -32,16 +35,26 @@ def allowed_hosts() -> list[str]:
 
 def check_host(headers: dict[bytes, bytes]) -> None:
     """DNS-rebinding protection: the gateway answers only for its own names."""
-    host = headers.get(b"host", b"").decode("latin-1")
-    domain, _ = split_domain_port(host)
-    if not domain or not validate_host(domain, allowed_hosts()):
-        raise ProxyError(421, -32600, f"Host {host!r} is not served here.")
+    host = headers.get(b"host", b"")
+    if not served(host):
+        raise ProxyError(421, -32600, f"Host {host.decode('latin-1')!r} is not served here.")
     origin = headers.get(b"origin")
-    if origin is not None:
-        origin_host = origin.decode("latin-1").split("://", 1)[-1]
-        origin_domain, _ = split_domain_port(origin_host)
-        if not origin_domain or not validate_host(origin_domain, allowed_hosts()):
-            raise ProxyError(403, -32600, "Origin not allowed.")
+    if origin is not None and not served(origin.split(b"://", 1)[-1]):
+        raise ProxyError(403, -32600, "Origin not allowed.")
+
+
+@functools.lru_cache(maxsize=256)
+def served(host: bytes) -> bool:
+    """Whether a Host (or an Origin's host) is one of ``ALLOWED_HOSTS``; remembered per value, as every
+    request asks it again (forgotten when the setting changes)."""
+    domain, _ = split_domain_port(host.decode("latin-1"))
+    return bool(domain) and validate_host(domain, allowed_hosts())
+
+
+@receiver(setting_changed)
+def _hosts_changed(*, setting: str, **kwargs: object) -> None:
+    if setting in ("ALLOWED_HOSTS", "DEBUG"):
+        served.cache_clear()
 
 
 def server_id_of(path: str) -> uuid.UUID:
@@ -91,7 +104,8 @@ async def read_messages(call: Call, receive: Receive) -> None:
     """The POST body (bounded in size and time) and its JSON-RPC messages, counted for the quota."""
     timeout_s = settings.EXTERNAL_MCP_PROXY_TIMEOUT_MS / 1000
     try:
-        call.body = await asyncio.wait_for(_read_body(receive), timeout_s)
+        async with asyncio.timeout(timeout_s):  # no task per request, as wait_for would make
+            call.body = await _read_body(receive)
     except TimeoutError:
         raise ProxyError(408, -32600, f"The request body did not arrive within {timeout_s:g} s.") from None
     try:

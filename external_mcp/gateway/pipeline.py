@@ -12,9 +12,9 @@ import asyncio
 import logging
 import re
 import time
-import uuid
 from typing import Any
 
+from django.conf import settings
 from django.utils import timezone
 
 from external_mcp import metrics
@@ -22,6 +22,7 @@ from external_mcp.gateway import inbound, quota, relay, transport
 from external_mcp.gateway.call import Call, Receive, Scope, Send
 from external_mcp.gateway.errors import ProxyError, client_disconnected
 from external_mcp.jsonrpc import dumps, error_body, error_response, id_key, is_request
+from twinmcp.ids import random_hex
 from usage.events import Sent, proxied_rows, storable_text
 from usage.models import Outcome
 from usage.recorder import get_recorder
@@ -42,7 +43,8 @@ class Pipeline:
         headers = dict(scope["headers"])
         incoming_id = headers.get(b"x-request-id", b"").decode("latin-1")
         call = Call(method=scope["method"],
-                    request_id=incoming_id if REQUEST_ID_RE.fullmatch(incoming_id) else uuid.uuid4().hex)
+                    request_id=incoming_id if REQUEST_ID_RE.fullmatch(incoming_id) else random_hex(),
+                    stages={} if settings.EXTERNAL_MCP_STAGE_TIMERS else None)
         try:
             await self.handle(call, scope, headers, receive, send)
         except ProxyError as exc:
@@ -73,13 +75,16 @@ class McpProxy(Pipeline):
         inbound.check_method(call.method)
         key = call.key = await inbound.authenticate(headers)
         server = await inbound.load_server(call, server_id, key)
+        call.lap("auth")
         if call.method == "POST":
             await inbound.read_messages(call, receive)
             inbound.govern(call, server, headers)
+            call.lap("request")
         extra = await quota.take(call, key)
         response = await transport.send(call, headers)
         async with response:
             await relay.answer(call, response, receive, send, extra)
+        call.lap("relay")
 
 
 async def settle(call: Call, send: Send) -> None:
@@ -92,7 +97,8 @@ async def settle(call: Call, send: Send) -> None:
         await record(call)
     except Exception:  # noqa: BLE001 - e.g. a pluggable token counter; the answer still goes out
         logger.exception("usage events not recorded", extra={"event": "proxy_failure", "request_id": call.request_id})
-    observe(call)
+    call.lap("record")
+    observe(call)  # before the last byte: an agent that has its answer finds the request logged and counted
     if exc is None or exc.status != 499:
         if not call.response_started:
             headers = [*call.reply_headers, (b"content-length", str(len(call.reply)).encode())]
@@ -183,5 +189,6 @@ def observe(call: Call) -> None:
             "server": str(call.server.id) if call.server is not None else "",
             "workspace": str(call.key.workspace_id) if call.key else "",
             "user": call.key.user_id if call.key else None, "method": method, "tool": tool,
-            "outcome": call.outcome, "status": call.status, "latency_ms": round(latency, 2),
-            "detail": call.failure.detail if call.failure is not None else ""})
+            "endpoint": call.endpoint, "outcome": call.outcome, "status": call.status,
+            "latency_ms": round(latency, 2), "detail": call.failure.detail if call.failure is not None else "",
+            "stages": call.stages})

@@ -56,6 +56,7 @@ async def take(call: Call, key: KeyInfo) -> list[tuple[bytes, bytes]]:
                   "reset_at": decision.reset_at.isoformat().replace("+00:00", "Z"), "plan": key.plan,
                   "upgrade_url": plan_page_url()},
         )
+    call.lap("quota")
     return headers
 
 

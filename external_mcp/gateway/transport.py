@@ -99,7 +99,7 @@ async def send(call: Call, headers: dict[bytes, bytes]) -> aiohttp.ClientRespons
     while True:
         try:
             response = await session.request(
-                call.method, server.base_url, data=call.body or None, headers=request_headers,
+                call.method, server.url, data=call.body or None, headers=request_headers,
                 ssl=server.ssl, allow_redirects=False, timeout=timeout,
             )
             if response.status == 401 and server.token_scheme is not None and not renewed:
@@ -108,6 +108,7 @@ async def send(call: Call, headers: dict[bytes, bytes]) -> aiohttp.ClientRespons
                 sent = await token_headers(server, refused=sent)
                 request_headers.update(sent)
                 continue
+            call.lap("upstream")
             return response
         except aiohttp.ClientConnectorDNSError:
             raise upstream_error(server, 502, -32010, "the upstream host name does not resolve.", "dns") from None

@@ -1,15 +1,20 @@
-"""`make bench`: the same bounded load directly against an SDK upstream and through the
-gateway (real API key, Redis quota, usage events on PostgreSQL), at C = 1, 16 and 64, on two
-gateway paths: the per-server endpoint ``/api/v1/external-mcp/<server_id>/mcp`` (tool ``echo``)
-the workspace endpoint ``/api/v1/external-mcp/mcp`` (the same tool as ``<prefix>__echo``), and the
-per-server endpoint of a second server on the same upstream whose calls carry an OAuth access token
-of a connected account (``oauth``: the token comes from the per-process cache, as in production).
-Then ``tools/list`` on the workspace endpoint of a second workspace holding 1,000 approved tools
-across 20 servers that no upstream backs (``tests.bench.tools_list_bench``).
+"""`make bench`: the same bounded load on five paths in alternating rounds, at C = 1, 16 and 64:
 
-Prints p50/p95/p99 latency, req/s, errors, the gateway's CPU per call (from /proc), the ratios
-to direct and the workspace endpoint's CPU per call as a ratio to the per-server endpoint's.
-Everything runs on 127.0.0.1 and stops by itself.
+* ``direct``: an SDK upstream (stateless, JSON answers, an ``echo`` tool);
+* ``floor``: a bare ASGI + aiohttp pass-through to it on the same server stack (``floor.py``): the
+  machine's own floor for any Python proxy, measured in the same run;
+* ``gateway``: the per-server endpoint ``/api/v1/external-mcp/<server_id>/mcp``;
+* ``workspace``: the workspace endpoint ``/api/v1/external-mcp/mcp`` (the tool as ``<prefix>__echo``);
+* ``oauth``: the per-server endpoint of a second server on the same upstream whose calls carry a
+  connected account's OAuth access token (from the per-process cache, as in production).
+
+The gateway does all its work per call: API key, exact Redis quota, governance, a usage event
+committed to PostgreSQL before the last byte, and, at ``LOG_LEVEL=INFO`` as in production, one JSON
+log line (written to a file and counted against the requests sent). Figures are medians over the
+rounds with their ranges; CPU is each process's own (from /proc); the machine's other load and the
+hypervisor's steal are measured meanwhile, and a level run on a busy machine is labelled so. Then
+``tools/list`` on the workspace endpoint of a second workspace holding 1,000 approved tools across
+20 servers that no upstream backs (``tools_list_bench``). Everything runs on 127.0.0.1 and stops by itself.
 """
 
 from __future__ import annotations
@@ -19,18 +24,20 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 
-from tests.bench import tools_list_bench
+from tests.bench import machine, tools_list_bench
 
 ROOT = Path(__file__).resolve().parents[2]
 MODERN = "2026-07-28"
@@ -51,26 +58,6 @@ def wait_port(port: int, timeout: float = 30) -> None:
         except OSError:
             time.sleep(0.1)
     raise RuntimeError(f"nothing listens on {port}")
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / ticks
-    return total
-
-
-def family(pid: int) -> list[int]:
-    """The process and its children (uvicorn workers)."""
-    out = [pid]
-    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
-        out += family(int(child))
-    return out
 
 
 def body(i: int, tool: str = "echo") -> bytes:
@@ -108,55 +95,118 @@ async def drive(session: aiohttp.ClientSession, url: str, headers: dict[str, str
     return {"latencies": latencies, "elapsed": time.perf_counter() - started, "errors": errors}
 
 
-def summarise(runs: list[dict]) -> dict:
-    latencies = sorted(x for run in runs for x in run["latencies"])
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
 
-    def pct(p: float) -> float:
-        return latencies[min(len(latencies) - 1, int(p * len(latencies)))]
 
-    return {"n": len(latencies), "p50": statistics.median(latencies), "p95": pct(0.95), "p99": pct(0.99),
-            "rps": len(latencies) / sum(run["elapsed"] for run in runs),
-            "errors": sum(run["errors"] for run in runs)}
+def spread(values: list[float]) -> dict[str, float]:
+    """A figure over the rounds: its median and its range."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 @dataclass(frozen=True)
 class Target:
-    """One gateway path under load: its URL, the tool name it is called with, its request headers."""
+    """One path under load: its URL, the tool it calls, its request headers, and the processes whose
+    CPU is charged to it (none for direct: the upstream's own CPU is in every path alike)."""
 
     url: str
     tool: str
     headers: dict[str, str]
+    pids: tuple[int, ...] = ()
+    log_key: tuple[str, str] | None = None
+    """The ``endpoint`` and ``server`` of its requests' log lines (gateway paths only)."""
 
 
-async def measure(direct_url: str, paths: dict[str, Target], headers: dict[str, str], level: int, total: int,
-                  rounds: int, pids: list[int]) -> dict:
-    """Alternate direct and gateway rounds so that a machine that slows down or speeds up during
-    the run (other tenants, CPU frequency) weighs on both sides alike; the gateway paths take
-    turns in leading each round, so neither always follows the direct round."""
-    direct: list[dict] = []
-    proxied: dict[str, list[dict]] = {name: [] for name in paths}
-    cpu = dict.fromkeys(paths, 0.0)
+class GatewayLog:
+    """The gateway's log file, read as it grows: each proxied request's JSON line, counted per
+    endpoint and server, and its ``stages`` when the timers are on."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+
+    def new_lines(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        with self.path.open("rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        cut = data.rfind(b"\n") + 1
+        self.offset += cut
+        lines = []
+        for raw in data[:cut].splitlines():
+            try:
+                entry = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and entry.get("event") == "proxy_request":
+                lines.append(entry)
+        return lines
+
+
+async def measure(paths: dict[str, Target], level: int, total: int, rounds: int, log: GatewayLog,
+                  others: list[int]) -> dict:
+    """Every path in every round, in an order that rotates from round to round, so that a machine
+    that slows down or speeds up during the run (other tenants, CPU frequency) weighs on all of them
+    alike and none always follows another. Per path: the median and range over rounds of its p50,
+    req/s and CPU per call, and of its differences to direct and to the floor measured in the same
+    round; p95/p99 over all its requests."""
+    runs: dict[str, list[dict]] = {name: [] for name in paths}
+    logged: dict[tuple[str, str], int] = {}
+    stages: dict[tuple[str, str], dict[str, list[float]]] = {}
+
+    def read_log() -> None:
+        for line in log.new_lines():
+            key = (line.get("endpoint", ""), line.get("server", ""))
+            logged[key] = logged.get(key, 0) + 1
+            for stage, ms in (line.get("stages") or {}).items():
+                stages.setdefault(key, {}).setdefault(stage, []).append(ms)
+
+    per_round = max(1, total // rounds)
     async with contextlib.AsyncExitStack() as stack:
-        to_direct = await stack.enter_async_context(
-            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=level)))
-        to_gateway = {name: await stack.enter_async_context(
+        sessions = {name: await stack.enter_async_context(
             aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=level))) for name in paths}
-        await drive(to_direct, direct_url, headers, level, 2 * level)  # open the connections
-        for name, path in paths.items():
-            await drive(to_gateway[name], path.url, path.headers, level, 2 * level, path.tool)
+        for name, path in paths.items():  # open the connections, fill the caches
+            await drive(sessions[name], path.url, path.headers, level, 2 * level, path.tool)
+        log.new_lines()
+        load = machine.Load(ours=others)
         order = list(paths)
         for round_no in range(rounds):
-            direct.append(await drive(to_direct, direct_url, headers, level, total // rounds))
-            for name in order[round_no % len(order):] + order[:round_no % len(order)]:
+            shift = round_no % len(order)
+            for name in order[shift:] + order[:shift]:
                 path = paths[name]
-                before = cpu_seconds(pids)
-                proxied[name].append(await drive(to_gateway[name], path.url, path.headers, level, total // rounds,
-                                                 path.tool))
-                cpu[name] += cpu_seconds(pids) - before
-    row: dict = {"concurrency": level, "direct": summarise(direct)}
-    for name, runs in proxied.items():
-        row[name] = summarise(runs)
-        row[name]["cpu_ms_per_call"] = cpu[name] * 1000 / row[name]["n"]
+                before = machine.cpu_seconds(list(path.pids))
+                run = await drive(sessions[name], path.url, path.headers, level, per_round, path.tool)
+                run["cpu"] = machine.cpu_seconds(list(path.pids)) - before
+                runs[name].append(run)
+                read_log()
+        machine_load = load.result()
+        await asyncio.sleep(0.5)  # a request's line is written just after its last byte
+        read_log()
+    row: dict = {"concurrency": level, "machine": machine_load, "busy": machine.is_busy(machine_load)}
+    for name, path in paths.items():
+        latencies = [x for run in runs[name] for x in run["latencies"]]
+        round_p50 = [statistics.median(run["latencies"]) for run in runs[name]]
+        round_rps = [len(run["latencies"]) / run["elapsed"] for run in runs[name]]
+        figures: dict = {
+            "n": len(latencies), "errors": sum(run["errors"] for run in runs[name]),
+            "p50": spread(round_p50), "p95": percentile(latencies, 0.95), "p99": percentile(latencies, 0.99),
+            "rps": spread(round_rps),
+        }
+        if path.pids:
+            figures["cpu_ms_per_call"] = spread([run["cpu"] * 1000 / len(run["latencies"]) for run in runs[name]])
+        for base in ("direct", "floor"):
+            if base in runs and base != name:
+                figures[f"added_p50_vs_{base}"] = spread([p - statistics.median(b["latencies"])
+                                                          for p, b in zip(round_p50, runs[base], strict=True)])
+                figures[f"rps_vs_{base}"] = spread([r * b["elapsed"] / len(b["latencies"])
+                                                    for r, b in zip(round_rps, runs[base], strict=True)])
+        if path.log_key:
+            figures["log_lines"] = logged.get(path.log_key, 0)
+            figures["stages_p50"] = {stage: statistics.median(values)
+                                     for stage, values in stages.get(path.log_key, {}).items()}
+        row[name] = figures
     return row
 
 
@@ -200,12 +250,22 @@ def setup_gateway_data(upstream_url: str) -> tuple[str, str, str, str]:
     return str(server.pk), str(oauth.pk), raw, exposed
 
 
+TARGETS = "gateway CPU <= 1.0 ms at C = 16; added p50 <= 1.5 ms at C = 1; >= 70% of direct req/s at C = 16; " \
+          "0 errors at C = 64; workspace and oauth within 10% of those"
+GATEWAY_PATHS = ("gateway", "workspace", "oauth")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--requests", type=int, default=3000, help="requests per run (bounded load)")
+    parser.add_argument("--requests", type=int, default=3000, help="requests per path and level (bounded load)")
     parser.add_argument("--levels", default="1,16,64")
-    parser.add_argument("--rounds", type=int, default=5, help="alternating direct/gateway rounds per level")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per level (medians over them)")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn workers of the gateway")
+    parser.add_argument("--log-level", default="INFO", help="the gateway's LOG_LEVEL (INFO: one JSON line a call)")
+    parser.add_argument("--stage-timers", action="store_true", help="EXTERNAL_MCP_STAGE_TIMERS on; p50 per stage")
+    parser.add_argument("--profile", help="py-spy the gateway during each level; raw stacks in this directory")
+    parser.add_argument("--pin", action="store_true",
+                        help="gateway on the upper half of the cores, load generator and upstreams on the lower")
     parser.add_argument("--list-servers", type=int, default=20, help="servers of the tools/list workspace")
     parser.add_argument("--list-tools", type=int, default=50, help="approved tools per server there")
     parser.add_argument("--list-requests", type=int, default=300,
@@ -217,9 +277,14 @@ def main() -> None:
         raise SystemExit("run through `make bench` (needs the private PostgreSQL and Redis)")
     env = {**os.environ, "DEBUG": "false", "ALLOWED_HOSTS": "127.0.0.1", "SECURE_SSL_REDIRECT": "false",
            "EXTERNAL_MCP_ALLOWED_PROTOCOLS": "https,http", "EXTERNAL_MCP_ALLOWED_NETWORKS": "127.0.0.1/32",
-           "EXTERNAL_MCP_FREE_DAILY_LIMIT": "1000000000", "LOG_LEVEL": "WARNING"}
-    os.environ.update({k: v for k, v in env.items() if k != "DEBUG"})
-    up_port, gw_port = free_port(), free_port()
+           "EXTERNAL_MCP_FREE_DAILY_LIMIT": "1000000000", "LOG_LEVEL": args.log_level, "LOG_FORMAT": "json",
+           "EXTERNAL_MCP_STAGE_TIMERS": "true" if args.stage_timers else "false"}
+    os.environ.update({k: v for k, v in env.items() if k not in ("DEBUG", "LOG_LEVEL")})
+    pins = machine.pin_sets(os.cpu_count() or 1) if args.pin else None
+    if pins is not None:
+        os.sched_setaffinity(0, pins[1])  # this process and the upstreams it starts
+    work = Path(tempfile.mkdtemp(prefix="twinmcp-bench-"))
+    up_port, floor_port, gw_port = free_port(), free_port(), free_port()
     procs: list[subprocess.Popen[bytes]] = []
     recorder = tools_list_bench.Recorder()
     try:
@@ -227,29 +292,45 @@ def main() -> None:
                                       cwd=ROOT, env=env, start_new_session=True))
         wait_port(up_port)
         upstream_url = f"http://127.0.0.1:{up_port}/mcp"
+        floor = subprocess.Popen([sys.executable, "-m", "tests.bench.floor", "--port", str(floor_port),
+                                  "--upstream", upstream_url], cwd=ROOT, env=env, start_new_session=True)
+        procs.append(floor)
+        wait_port(floor_port)
         server_id, oauth_id, key, exposed = setup_gateway_data(upstream_url)
         list_key, list_tools, list_workspace = "", 0, None
         if args.list_requests > 0:
             list_key, list_tools, list_workspace = tools_list_bench.setup_listing_data(
                 f"http://127.0.0.1:{recorder.port}/mcp", args.list_servers, args.list_tools)
-        gateway = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "twinmcp.asgi:application", "--host", "127.0.0.1", "--port",
-             str(gw_port), "--workers", str(args.workers), "--no-access-log", "--log-level", "warning"],
-            cwd=ROOT, env=env, start_new_session=True)
+        with (work / "gateway.log").open("wb") as log_file:
+            gateway = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "twinmcp.asgi:application", "--host", "127.0.0.1", "--port",
+                 str(gw_port), "--workers", str(args.workers), "--no-access-log", "--log-level", "warning"],
+                cwd=ROOT, env=env, start_new_session=True, stdout=log_file, stderr=log_file,
+                preexec_fn=(lambda: os.sched_setaffinity(0, pins[0])) if pins else None)  # noqa: PLW1509
         procs.append(gateway)
         wait_port(gw_port)
         gateway_url = f"http://127.0.0.1:{gw_port}/api/v1/external-mcp"
         headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
                    "MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/call", "Mcp-Name": "echo"}
         with_key = {**headers, "Authorization": f"Bearer {key}"}
-        paths = {"gateway": Target(f"{gateway_url}/{server_id}/mcp", "echo", with_key),
-                 "workspace": Target(f"{gateway_url}/mcp", exposed, {**with_key, "Mcp-Name": exposed}),
-                 "oauth": Target(f"{gateway_url}/{oauth_id}/mcp", "echo", with_key)}
-        pids = family(gateway.pid)
-        asyncio.run(measure(upstream_url, paths, headers, 4, 600, 1, pids))  # warm-up
-        rows = [asyncio.run(measure(upstream_url, paths, headers, int(level), args.requests, args.rounds, pids))
-                for level in args.levels.split(",")]
-        print_table(rows, exposed)
+        gw_pids = tuple(machine.family(gateway.pid))
+        paths = {
+            "direct": Target(upstream_url, "echo", headers),
+            "floor": Target(f"http://127.0.0.1:{floor_port}/mcp", "echo", headers, (floor.pid,)),
+            "gateway": Target(f"{gateway_url}/{server_id}/mcp", "echo", with_key, gw_pids, ("server", server_id)),
+            "workspace": Target(f"{gateway_url}/mcp", exposed, {**with_key, "Mcp-Name": exposed}, gw_pids,
+                                ("workspace", server_id)),
+            "oauth": Target(f"{gateway_url}/{oauth_id}/mcp", "echo", with_key, gw_pids, ("server", oauth_id)),
+        }
+        ours = [os.getpid(), *machine.service_pids(), *(proc.pid for proc in procs)]
+        log = GatewayLog(work / "gateway.log")
+        asyncio.run(measure(paths, 4, 600, 1, log, ours))  # warm-up
+        rows = []
+        for level in (int(x) for x in args.levels.split(",")):
+            spy = start_profile(args.profile, gateway.pid, level)
+            rows.append(asyncio.run(measure(paths, level, args.requests, args.rounds, log, ours)))
+            stop_profile(spy)
+        print_table(rows, exposed, args)
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2))
         if args.list_requests > 0:
@@ -258,7 +339,7 @@ def main() -> None:
             contacted_before = recorder.connections
             listing = asyncio.run(tools_list_bench.measure_listing(
                 f"{gateway_url}/mcp", list_key, list_tools, args.list_requests, args.rounds, args.list_cold,
-                lambda: cpu_seconds(pids), invalidation.announce_change, list_workspace))
+                lambda: machine.cpu_seconds(list(gw_pids)), invalidation.announce_change, list_workspace))
             tools_list_bench.print_listing(listing, args.list_servers, recorder.port,
                                            recorder.connections - contacted_before, recorder.connections)
             listing["upstream_connections"] = recorder.connections
@@ -271,39 +352,97 @@ def main() -> None:
         for proc in procs:
             proc.wait(timeout=15)
         recorder.close()
+        shutil.rmtree(work, ignore_errors=True)
 
 
-def print_table(rows: list[dict], exposed: str = "") -> None:
-    """The per-level table: ``gateway`` is the per-server endpoint, ``workspace`` the workspace
-    endpoint (its last column is its CPU per call as a ratio to the per-server endpoint's)."""
-    print(f"\n{'C':>3} {'path':<9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'req/s':>8} {'errors':>6} "
-          f"{'CPU ms/call':>11} {'p50 +ms':>8} {'rps ratio':>9} {'CPU vs gw':>9}")
+def start_profile(directory: str | None, pid: int, level: int) -> subprocess.Popen[bytes] | None:
+    """py-spy sampling the gateway (and its workers) for the whole level: raw stacks for
+    flamegraph.pl or speedscope. Sampling costs the gateway CPU: profile in a run of its own."""
+    if not directory:
+        return None
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    out = Path(directory) / f"gateway-c{level}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen([spy, "record", "--pid", str(pid), "--subprocesses", "--rate", "500", "--format", "raw",
+                             "--nonblocking", "--output", str(out)], stdout=subprocess.DEVNULL)
+
+
+def stop_profile(spy: subprocess.Popen[bytes] | None) -> None:
+    if spy is not None:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(timeout=60)
+
+
+def fmt(figure: dict[str, float] | None, digits: int = 2) -> str:
+    if figure is None:
+        return ""
+    return f"{figure['median']:.{digits}f} ({figure['min']:.{digits}f}-{figure['max']:.{digits}f})"
+
+
+def print_table(rows: list[dict], exposed: str, args: argparse.Namespace) -> None:
+    """Per level and path: medians over the rounds with their ranges; ``floor`` is the bare pass-through."""
+    print(f"\n{args.rounds} alternating rounds per level, {args.requests} requests per path and level, "
+          f"{args.workers} gateway worker(s), LOG_LEVEL={args.log_level}{', pinned' if args.pin else ''}. "
+          "Figures: median over the rounds (range).")
+    head = (f"{'C':>3} {'path':<9} {'p50 ms':>19} {'p95':>7} {'p99':>7} {'req/s':>16} {'err':>4} "
+            f"{'CPU ms/call':>17} {'+p50 vs direct':>19} {'+p50 vs floor':>19} {'rps/direct':>16} {'rps/floor':>16}")
+    print(head)
     for row in rows:
-        d, g = row["direct"], row["gateway"]
-        for name in ("direct", "gateway", "workspace", "oauth"):
-            r = row.get(name)
-            if r is None:
-                continue
-            extra = ""
-            if name != "direct":
-                extra = (f"{r['cpu_ms_per_call']:>11.2f} {r['p50'] - d['p50']:>8.2f} "
-                         f"{r['rps'] / d['rps']:>9.2f}")
-            if name in ("workspace", "oauth"):
-                extra += f" {r['cpu_ms_per_call'] / g['cpu_ms_per_call']:>9.2f}"
-            print(f"{row['concurrency']:>3} {name:<9} {r['p50']:>8.2f} {r['p95']:>8.2f} {r['p99']:>8.2f} "
-                  f"{r['rps']:>8.0f} {r['errors']:>6} {extra}")
-    if any("workspace" in row for row in rows):
-        ratios = ", ".join(f"C = {row['concurrency']}: {row['workspace']['cpu_ms_per_call']:.2f} / "
-                           f"{row['gateway']['cpu_ms_per_call']:.2f} ms = "
-                           f"{row['workspace']['cpu_ms_per_call'] / row['gateway']['cpu_ms_per_call']:.2f}"
-                           for row in rows)
-        print(f"gateway = per-server endpoint (tool echo); workspace = /api/v1/external-mcp/mcp (tool {exposed}).\n"
-              f"workspace CPU per call vs per-server (target <= 1.10): {ratios}")
-    if any("oauth" in row for row in rows):
-        ratios = ", ".join(f"C = {row['concurrency']}: "
-                           f"{row['oauth']['cpu_ms_per_call'] / row['gateway']['cpu_ms_per_call']:.2f}" for row in rows)
-        print(f"oauth = per-server endpoint of an oauth2 server (connected account); CPU per call vs per-server "
-              f"without auth: {ratios}")
+        for name in ("direct", "floor", *GATEWAY_PATHS):
+            r = row[name]
+            print(f"{row['concurrency']:>3} {name:<9} {fmt(r['p50']):>19} {r['p95']:>7.2f} {r['p99']:>7.2f} "
+                  f"{fmt(r['rps'], 0):>16} {r['errors']:>4} {fmt(r.get('cpu_ms_per_call')):>17} "
+                  f"{fmt(r.get('added_p50_vs_direct')):>19} {fmt(r.get('added_p50_vs_floor')):>19} "
+                  f"{fmt(r.get('rps_vs_direct')):>16} {fmt(r.get('rps_vs_floor')):>16}")
+        load = row["machine"]
+        state = "BUSY MACHINE: these figures are not comparable" if row["busy"] else "quiet machine"
+        print(f"    C = {row['concurrency']}: this run used {load['ours_cores']:.2f} cores; other processes "
+              f"{load['other_cores']:.2f}, hypervisor steal {load['steal_cores']:.2f} over {load['seconds']:.0f} s "
+              f"-> {state}")
+    print(f"gateway = per-server endpoint (tool echo); workspace = /api/v1/external-mcp/mcp (tool {exposed}); "
+          "oauth = per-server endpoint of an oauth2 server, token from the cache; floor = bare ASGI + aiohttp "
+          "pass-through (tests/bench/floor.py).")
+    sent = {name: sum(row[name]["n"] for row in rows) for name in GATEWAY_PATHS}
+    lines = {name: sum(row[name]["log_lines"] for row in rows) for name in GATEWAY_PATHS}
+    print("proxied-request log lines / requests: " + ", ".join(f"{n} {lines[n]}/{sent[n]}" for n in GATEWAY_PATHS))
+    if args.stage_timers:
+        print_stages(rows)
+    print_targets(rows)
+
+
+def print_stages(rows: list[dict]) -> None:
+    stage_names = ("auth", "request", "route", "quota", "upstream", "relay", "record")
+    print("\nStage timers, p50 ms (time since the previous stage; EXTERNAL_MCP_STAGE_TIMERS):")
+    print(f"{'C':>3} {'path':<9} " + " ".join(f"{s:>8}" for s in stage_names))
+    for row in rows:
+        for name in GATEWAY_PATHS:
+            stages = row[name]["stages_p50"]
+            print(f"{row['concurrency']:>3} {name:<9} "
+                  + " ".join(f"{stages[s]:>8.3f}" if s in stages else f"{'':>8}" for s in stage_names))
+
+
+def print_targets(rows: list[dict]) -> None:
+    """Each target against the median of the rounds; workspace and oauth within 10%."""
+    by_level = {row["concurrency"]: row for row in rows}
+    checks: list[tuple[str, str, float, float, bool]] = []
+    for name in GATEWAY_PATHS:
+        slack = 1.0 if name == "gateway" else 1.1
+        if 16 in by_level:
+            cpu = by_level[16][name]["cpu_ms_per_call"]["median"]
+            checks.append((name, "CPU ms/call at C = 16", cpu, 1.0 * slack, cpu <= 1.0 * slack))
+            ratio = by_level[16][name]["rps_vs_direct"]["median"]
+            checks.append((name, "req/s vs direct at C = 16", ratio, 0.70 / slack, ratio >= 0.70 / slack))
+        if 1 in by_level:
+            added = by_level[1][name]["added_p50_vs_direct"]["median"]
+            checks.append((name, "added p50 ms at C = 1", added, 1.5 * slack, added <= 1.5 * slack))
+        if 64 in by_level:
+            errors = by_level[64][name]["errors"]
+            checks.append((name, "errors at C = 64", errors, 0, errors == 0))
+    print(f"\nTargets ({TARGETS}):")
+    for name, what, value, limit, ok in checks:
+        print(f"  {name:<9} {what:<26} {value:>8.2f}  limit {limit:>5.2f}  {'met' if ok else 'NOT MET'}")
+    if any(row["busy"] for row in rows):
+        print("  (a level ran on a busy machine: re-run on a quiet one before comparing)")
 
 
 if __name__ == "__main__":
