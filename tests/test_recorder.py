@@ -12,7 +12,7 @@ import pytest
 from django.db import connections
 
 from usage.models import UsageEvent
-from usage.recorder import BatchRecorder, OrmSink, PsycopgSink
+from usage.recorder import BatchRecorder, OrmSink, PostgresSink
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -34,7 +34,7 @@ def test_every_event_of_a_burst_is_stored_exactly_once(burst):
     assert connections["default"].vendor == "postgresql"
     workspace_id = uuid.uuid4()
     rows = [event(i, workspace_id=workspace_id) for i in range(burst)]
-    sink = PsycopgSink()
+    sink = PostgresSink()
     sizes: list[int] = []
     write = sink.write
 
@@ -51,8 +51,8 @@ def test_every_event_of_a_burst_is_stored_exactly_once(burst):
 
     asyncio.run(scenario())
     assert sum(sizes) == burst
-    if burst > PsycopgSink.SMALL:
-        assert max(sizes) > PsycopgSink.SMALL  # the unnest path ran
+    if burst > PostgresSink.SMALL:
+        assert max(sizes) > PostgresSink.SMALL  # the unnest path ran
     stored = {e.request_id: e for e in UsageEvent.objects.filter(workspace_id=workspace_id)}
     assert len(stored) == burst
     for row in rows:
@@ -60,7 +60,7 @@ def test_every_event_of_a_burst_is_stored_exactly_once(burst):
         assert {column: getattr(got, column) for column in row} == row
 
 
-@pytest.mark.parametrize("sink", [PsycopgSink, OrmSink])
+@pytest.mark.parametrize("sink", [PostgresSink, OrmSink])
 def test_a_row_the_database_refuses_costs_no_other_event(sink, caplog):
     """One refused row must not take its batch with it: the others are stored, the refused one is
     logged in full so it can be replayed."""
@@ -86,7 +86,7 @@ def test_close_waits_for_events_handed_over_before_it():
     rows = [event(i, workspace_id=workspace_id) for i in range(40)]
 
     async def scenario() -> None:
-        recorder = BatchRecorder(PsycopgSink())
+        recorder = BatchRecorder(PostgresSink())
         pending = [asyncio.ensure_future(recorder.record(row)) for row in rows]
         await asyncio.sleep(0)  # handed over, not yet written
         await recorder.close()

@@ -76,7 +76,7 @@ class Load:
         self.start_ours = cpu_seconds(self._all_ours())
 
     def _all_ours(self) -> list[int]:
-        return [pid for root in self.ours for pid in family(root)]
+        return sorted({pid for root in self.ours for pid in family(root)})
 
     def result(self) -> dict[str, float]:
         """``other_cores``: cores' worth of CPU used by anything else; ``steal_cores``: taken by the host."""
