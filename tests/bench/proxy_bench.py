@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -72,27 +74,29 @@ def body(i: int, tool: str = "echo") -> bytes:
 
 async def drive(session: aiohttp.ClientSession, url: str, headers: dict[str, str], concurrency: int,
                 total: int, tool: str = "echo") -> dict:
-    """``total`` requests from ``concurrency`` clients: raw latencies, elapsed time, errors."""
+    """``total`` requests from ``concurrency`` clients: raw latencies, elapsed time, errors by kind."""
     latencies: list[float] = []
-    errors = 0
+    errors: collections.Counter[str] = collections.Counter()
     counter = iter(range(total))
 
     async def worker() -> None:
-        nonlocal errors
         for i in counter:
             started = time.perf_counter()
             try:
                 async with session.post(url, data=body(i, tool), headers=headers) as response:
                     payload = await response.read()
-                    if response.status != 200 or b'"error"' in payload:
-                        errors += 1
-            except aiohttp.ClientError:
-                errors += 1
+                    if response.status != 200:
+                        errors[f"HTTP {response.status}"] += 1
+                    elif b'"error"' in payload:
+                        errors["JSON-RPC error"] += 1
+            except aiohttp.ClientError as exc:
+                errors[type(exc).__name__] += 1
             latencies.append((time.perf_counter() - started) * 1000)
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return {"latencies": latencies, "elapsed": time.perf_counter() - started, "errors": errors}
+    return {"latencies": latencies, "elapsed": time.perf_counter() - started, "errors": sum(errors.values()),
+            "error_kinds": dict(errors)}
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -165,8 +169,10 @@ async def measure(paths: dict[str, Target], level: int, total: int, rounds: int,
 
     per_round = max(1, total // rounds)
     async with contextlib.AsyncExitStack() as stack:
-        sessions = {name: await stack.enter_async_context(
-            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=level))) for name in paths}
+        # Idle connections are dropped before uvicorn's 5 s keep-alive ends them: a path waits for the
+        # others' turns, and reusing a connection the server is closing would count as its error.
+        sessions = {name: await stack.enter_async_context(aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=level, keepalive_timeout=3))) for name in paths}
         for name, path in paths.items():  # open the connections, fill the caches
             await drive(sessions[name], path.url, path.headers, level, 2 * level, path.tool)
         log.new_lines()
@@ -191,6 +197,8 @@ async def measure(paths: dict[str, Target], level: int, total: int, rounds: int,
         round_rps = [len(run["latencies"]) / run["elapsed"] for run in runs[name]]
         figures: dict = {
             "n": len(latencies), "errors": sum(run["errors"] for run in runs[name]),
+            "error_kinds": dict(sum((collections.Counter(run["error_kinds"]) for run in runs[name]),
+                                    collections.Counter())),
             "p50": spread(round_p50), "p95": percentile(latencies, 0.95), "p99": percentile(latencies, 0.99),
             "rps": spread(round_rps),
         }
@@ -264,6 +272,8 @@ def main() -> None:
     parser.add_argument("--log-level", default="INFO", help="the gateway's LOG_LEVEL (INFO: one JSON line a call)")
     parser.add_argument("--stage-timers", action="store_true", help="EXTERNAL_MCP_STAGE_TIMERS on; p50 per stage")
     parser.add_argument("--profile", help="py-spy the gateway during each level; raw stacks in this directory")
+    parser.add_argument("--paths", default="direct,floor,gateway,workspace,oauth",
+                        help="which paths to drive (direct and floor are the baselines of the ratios)")
     parser.add_argument("--pin", action="store_true",
                         help="gateway on the upper half of the cores, load generator and upstreams on the lower")
     parser.add_argument("--list-servers", type=int, default=20, help="servers of the tools/list workspace")
@@ -322,9 +332,14 @@ def main() -> None:
                                 ("workspace", server_id)),
             "oauth": Target(f"{gateway_url}/{oauth_id}/mcp", "echo", with_key, gw_pids, ("server", oauth_id)),
         }
+        paths = {name: target for name, target in paths.items() if name in args.paths.split(",")}
         ours = [os.getpid(), *machine.service_pids(), *(proc.pid for proc in procs)]
         log = GatewayLog(work / "gateway.log")
         asyncio.run(measure(paths, 4, 600, 1, log, ours))  # warm-up
+        # Every worker has served by now: charge all of them (uvicorn binds before it spawns them).
+        gw_pids = tuple(machine.family(gateway.pid))
+        paths = {name: dataclasses.replace(target, pids=gw_pids) if target.log_key else target
+                 for name, target in paths.items()}
         rows = []
         for level in (int(x) for x in args.levels.split(",")):
             spy = start_profile(args.profile, gateway.pid, level)
@@ -389,11 +404,15 @@ def print_table(rows: list[dict], exposed: str, args: argparse.Namespace) -> Non
     print(head)
     for row in rows:
         for name in ("direct", "floor", *GATEWAY_PATHS):
-            r = row[name]
+            r = row.get(name)
+            if r is None:
+                continue
             print(f"{row['concurrency']:>3} {name:<9} {fmt(r['p50']):>19} {r['p95']:>7.2f} {r['p99']:>7.2f} "
                   f"{fmt(r['rps'], 0):>16} {r['errors']:>4} {fmt(r.get('cpu_ms_per_call')):>17} "
                   f"{fmt(r.get('added_p50_vs_direct')):>19} {fmt(r.get('added_p50_vs_floor')):>19} "
                   f"{fmt(r.get('rps_vs_direct')):>16} {fmt(r.get('rps_vs_floor')):>16}")
+            if r["error_kinds"]:
+                print(f"    errors of {name}: {r['error_kinds']}")
         load = row["machine"]
         state = "BUSY MACHINE: these figures are not comparable" if row["busy"] else "quiet machine"
         print(f"    C = {row['concurrency']}: this run used {load['ours_cores']:.2f} cores; other processes "
@@ -402,9 +421,10 @@ def print_table(rows: list[dict], exposed: str, args: argparse.Namespace) -> Non
     print(f"gateway = per-server endpoint (tool echo); workspace = /api/v1/external-mcp/mcp (tool {exposed}); "
           "oauth = per-server endpoint of an oauth2 server, token from the cache; floor = bare ASGI + aiohttp "
           "pass-through (tests/bench/floor.py).")
-    sent = {name: sum(row[name]["n"] for row in rows) for name in GATEWAY_PATHS}
-    lines = {name: sum(row[name]["log_lines"] for row in rows) for name in GATEWAY_PATHS}
-    print("proxied-request log lines / requests: " + ", ".join(f"{n} {lines[n]}/{sent[n]}" for n in GATEWAY_PATHS))
+    driven = [name for name in GATEWAY_PATHS if name in rows[0]]
+    sent = {name: sum(row[name]["n"] for row in rows) for name in driven}
+    lines = {name: sum(row[name]["log_lines"] for row in rows) for name in driven}
+    print("proxied-request log lines / requests: " + ", ".join(f"{n} {lines[n]}/{sent[n]}" for n in driven))
     if args.stage_timers:
         print_stages(rows)
     print_targets(rows)
@@ -415,7 +435,7 @@ def print_stages(rows: list[dict]) -> None:
     print("\nStage timers, p50 ms (time since the previous stage; EXTERNAL_MCP_STAGE_TIMERS):")
     print(f"{'C':>3} {'path':<9} " + " ".join(f"{s:>8}" for s in stage_names))
     for row in rows:
-        for name in GATEWAY_PATHS:
+        for name in (name for name in GATEWAY_PATHS if name in row):
             stages = row[name]["stages_p50"]
             print(f"{row['concurrency']:>3} {name:<9} "
                   + " ".join(f"{stages[s]:>8.3f}" if s in stages else f"{'':>8}" for s in stage_names))
@@ -425,8 +445,10 @@ def print_targets(rows: list[dict]) -> None:
     """Each target against the median of the rounds; workspace and oauth within 10%."""
     by_level = {row["concurrency"]: row for row in rows}
     checks: list[tuple[str, str, float, float, bool]] = []
-    for name in GATEWAY_PATHS:
+    for name in (name for name in GATEWAY_PATHS if name in rows[0]):
         slack = 1.0 if name == "gateway" else 1.1
+        if "direct" not in rows[0]:
+            continue
         if 16 in by_level:
             cpu = by_level[16][name]["cpu_ms_per_call"]["median"]
             checks.append((name, "CPU ms/call at C = 16", cpu, 1.0 * slack, cpu <= 1.0 * slack))
