@@ -150,12 +150,14 @@ class GatewayLog:
 
 
 async def measure(paths: dict[str, Target], level: int, total: int, rounds: int, log: GatewayLog,
-                  others: list[int]) -> dict:
+                  others: list[int], groups: dict[str, list[int]] | None = None) -> dict:
     """Every path in every round, in an order that rotates from round to round, so that a machine
     that slows down or speeds up during the run (other tenants, CPU frequency) weighs on all of them
     alike and none always follows another. Per path: the median and range over rounds of its p50,
     req/s and CPU per call, and of its differences to direct and to the floor measured in the same
-    round; p95/p99 over all its requests."""
+    round; p95/p99 over all its requests. ``groups``: the other processes whose CPU per call is
+    reported per path (upstream, load generator, PostgreSQL and Redis), for the machine's CPU budget."""
+    groups = groups or {}
     runs: dict[str, list[dict]] = {name: [] for name in paths}
     logged: dict[tuple[str, str], int] = {}
     stages: dict[tuple[str, str], dict[str, list[float]]] = {}
@@ -183,8 +185,11 @@ async def measure(paths: dict[str, Target], level: int, total: int, rounds: int,
             for name in order[shift:] + order[:shift]:
                 path = paths[name]
                 before = machine.cpu_seconds(list(path.pids))
+                before_groups = {group: machine.cpu_seconds(pids) for group, pids in groups.items()}
                 run = await drive(sessions[name], path.url, path.headers, level, per_round, path.tool)
                 run["cpu"] = machine.cpu_seconds(list(path.pids)) - before
+                run["by_process"] = {group: machine.cpu_seconds(pids) - before_groups[group]
+                                     for group, pids in groups.items()}
                 runs[name].append(run)
                 read_log()
         machine_load = load.result()
@@ -204,6 +209,8 @@ async def measure(paths: dict[str, Target], level: int, total: int, rounds: int,
         }
         if path.pids:
             figures["cpu_ms_per_call"] = spread([run["cpu"] * 1000 / len(run["latencies"]) for run in runs[name]])
+        figures["cpu_by_process"] = {group: statistics.median(run["by_process"][group] * 1000 / len(run["latencies"])
+                                                              for run in runs[name]) for group in groups}
         for base in ("direct", "floor"):
             if base in runs and base != name:
                 figures[f"added_p50_vs_{base}"] = spread([p - statistics.median(b["latencies"])
@@ -340,10 +347,12 @@ def main() -> None:
         gw_pids = tuple(machine.family(gateway.pid))
         paths = {name: dataclasses.replace(target, pids=gw_pids) if target.log_key else target
                  for name, target in paths.items()}
+        groups = {"upstream": machine.family(procs[0].pid), "load generator": [os.getpid()],
+                  "PostgreSQL + Redis": [pid for root in machine.service_pids() for pid in machine.family(root)]}
         rows = []
         for level in (int(x) for x in args.levels.split(",")):
             spy = start_profile(args.profile, gateway.pid, level)
-            rows.append(asyncio.run(measure(paths, level, args.requests, args.rounds, log, ours)))
+            rows.append(asyncio.run(measure(paths, level, args.requests, args.rounds, log, ours, groups)))
             stop_profile(spy)
         print_table(rows, exposed, args)
         if args.json:
@@ -413,6 +422,12 @@ def print_table(rows: list[dict], exposed: str, args: argparse.Namespace) -> Non
                   f"{fmt(r.get('rps_vs_direct')):>16} {fmt(r.get('rps_vs_floor')):>16}")
             if r["error_kinds"]:
                 print(f"    errors of {name}: {r['error_kinds']}")
+        for name in ("direct", "floor", *GATEWAY_PATHS):
+            r = row.get(name)
+            if r is not None and r["cpu_by_process"]:
+                own = f", itself {r['cpu_ms_per_call']['median']:.2f}" if "cpu_ms_per_call" in r else ""
+                print(f"    CPU per call of the other processes, {name}: " + ", ".join(
+                    f"{group} {ms:.2f}" for group, ms in r["cpu_by_process"].items()) + f" ms{own}")
         load = row["machine"]
         state = "BUSY MACHINE: these figures are not comparable" if row["busy"] else "quiet machine"
         print(f"    C = {row['concurrency']}: this run used {load['ours_cores']:.2f} cores; other processes "
