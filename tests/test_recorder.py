@@ -12,7 +12,7 @@ import pytest
 from django.db import connections
 
 from usage.models import UsageEvent
-from usage.recorder import BatchRecorder, OrmSink, PostgresSink
+from usage.recorder import BatchRecorder, OrmSink, PostgresSink, server_settings
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -94,3 +94,38 @@ def test_close_waits_for_events_handed_over_before_it():
 
     asyncio.run(scenario())
     assert UsageEvent.objects.filter(workspace_id=workspace_id).count() == 40
+
+
+def test_the_event_writer_takes_django_session_settings():
+    assert server_settings({"options": "-c search_path=usage,public --statement-timeout=5s -cwork_mem=4MB",
+                            "application_name": "twinmcp"}) == {
+        "search_path": "usage,public", "statement_timeout": "5s", "work_mem": "4MB", "application_name": "twinmcp"}
+    assert server_settings({}) == {}
+
+
+def test_the_event_writer_inserts_where_a_search_path_points(settings):
+    """A deployment whose tables live in another schema (``OPTIONS: {"options": "-c search_path=…"}``)
+    gets its events there, not an error per batch."""
+    with connections["default"].cursor() as cursor:
+        cursor.execute("CREATE SCHEMA IF NOT EXISTS elsewhere")
+        cursor.execute("CREATE TABLE IF NOT EXISTS elsewhere.external_mcp_usage_logs "
+                       "(LIKE public.external_mcp_usage_logs INCLUDING ALL)")
+    workspace_id = uuid.uuid4()
+    options = {**connections["default"].settings_dict["OPTIONS"], "options": "-c search_path=elsewhere"}
+    original = connections["default"].settings_dict["OPTIONS"]
+    connections["default"].settings_dict["OPTIONS"] = options
+    try:
+        async def scenario() -> None:
+            recorder = BatchRecorder(PostgresSink())
+            await recorder.record(event(1, workspace_id=workspace_id))
+            await recorder.close()
+
+        asyncio.run(scenario())
+    finally:
+        connections["default"].settings_dict["OPTIONS"] = original
+    with connections["default"].cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM elsewhere.external_mcp_usage_logs WHERE workspace_id = %s",
+                       [workspace_id])
+        assert cursor.fetchone()[0] == 1
+        cursor.execute("DROP SCHEMA elsewhere CASCADE")
+    assert not UsageEvent.objects.filter(workspace_id=workspace_id).exists()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shlex
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -41,8 +42,8 @@ class PostgresSink:
     is its own transaction. One or two rows go as VALUES; larger batches as one array per column
     through ``unnest``, a constant statement prepared once, where a VALUES list of varying length
     would be parsed anew each time. asyncpg rather than psycopg (which Django uses for everything
-    else) because this statement runs for every proxied request: 45-60 µs of CPU per single-row
-    insert instead of 100-140 µs on the 2-core machine (docs/benchmarks.md)."""
+    else) because this statement runs for every proxied request: 42-62 µs of CPU per single-row
+    insert instead of 104-150 µs on the 2-core machine (docs/benchmarks.md)."""
 
     SMALL = 2
 
@@ -65,7 +66,7 @@ class PostgresSink:
             dsn=f"postgresql:///{quote(params.get('dbname') or '')}?{urlencode(query)}",
             host=params.get("host") or None, port=params.get("port") or None,
             user=params.get("user") or None, password=params.get("password") or None,
-            statement_cache_size=8,
+            server_settings=server_settings(params), statement_cache_size=8,
         )
 
     def statement(self, rows: Sequence[dict[str, Any]]) -> tuple[str, list[Any]]:
@@ -95,6 +96,25 @@ class PostgresSink:
         if self.conn is not None:
             await self.conn.close()
             self.conn = None
+
+
+def server_settings(params: dict[str, Any]) -> dict[str, str]:
+    """The session settings Django's connection gets from ``DATABASES`` (libpq's ``options``, such as
+    ``-c search_path=usage``, and ``application_name``), so the event writer inserts where Django reads."""
+    found: dict[str, str] = {}
+    if params.get("application_name"):
+        found["application_name"] = str(params["application_name"])
+    tokens = shlex.split(str(params.get("options") or ""))
+    for index, token in enumerate(tokens):
+        setting = ""
+        if token == "-c" and index + 1 < len(tokens):
+            setting = tokens[index + 1]
+        elif token.startswith("-c") and len(token) > 2 or token.startswith("--"):
+            setting = token[2:]
+        name, sep, value = setting.partition("=")
+        if sep and name:
+            found[name.replace("-", "_")] = value
+    return found
 
 
 class OrmSink:
