@@ -199,8 +199,6 @@ async def test_redis_is_exact_under_concurrency(make_limiter, redis_url, redis_c
     assert {(d.used, d.remaining) for d in refused} == {(200, 0)}
     assert (await limiter.apeek(user_id, LIMIT)).used == 200
     assert int(redis_client.get(quota_key(user_id, datetime.now(UTC).date()))) == 200
-    _, scripts = limiter._async_client()
-    assert scripts["consume"].batcher.largest > 1  # concurrent calls went to Redis together
 
 
 @pytest.mark.django_db

@@ -61,7 +61,6 @@ from usage.quota import (
     settle_seconds,
     utc,
 )
-from usage.quota_batch import ScriptBatcher
 from usage.quota_db import (
     committed_uses,
     committed_uses_many,
@@ -463,8 +462,7 @@ class UsageLimiter:
         if entry is None or entry[0] is not loop:
             client = redis.asyncio.Redis.from_url(self.redis_url, socket_timeout=REDIS_SOCKET_TIMEOUT,
                                                   socket_connect_timeout=REDIS_SOCKET_TIMEOUT, retry=None)
-            batcher = ScriptBatcher(client)
-            entry = (loop, client, {name: batcher.bind(script) for name, script in register_scripts(client).items()})
+            entry = (loop, client, register_scripts(client))
             with self._lock:
                 # Forget the clients of closed loops (their connections died with the loop).
                 for key in [key for key, (other, _, _) in self._async_redis.items() if other.is_closed()]:
