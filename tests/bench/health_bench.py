@@ -38,6 +38,7 @@ def main() -> None:
         from django.utils import timezone
 
         from external_mcp import health
+        from external_mcp.exposed_names import derive_prefix
         from external_mcp.models import ExternalMcpServer, HealthCheck
         from twinmcp import services as core
 
@@ -47,6 +48,7 @@ def main() -> None:
         now = timezone.now()
         ExternalMcpServer.objects.bulk_create([
             ExternalMcpServer(workspace=workspace, created_by=user, name=f"server-{i:04d}",
+                              prefix=derive_prefix(f"server-{i:04d}", ()),
                               base_url=f"http://127.0.0.1:{ports[i % len(ports)]}/mcp?tenant={i}",
                               next_check_at=now)
             for i in range(args.servers)
