@@ -78,7 +78,8 @@ def p95(values: list[float]) -> float:
 GENERATE_SQL = """
 INSERT INTO external_mcp_usage_logs (
     created_at, user_id, workspace_id, server_id, api_key_id, method, tool_name, jsonrpc_id, request_id,
-    tokens_in, tokens_out, bytes_in, bytes_out, latency_ms, upstream_status, jsonrpc_error_code, outcome, counted)
+    tokens_in, tokens_out, bytes_in, bytes_out, latency_ms, upstream_status, jsonrpc_error_code, outcome, counted,
+    endpoint)
 SELECT
     %(start)s::timestamptz + (g / %(per_day)s) * interval '1 day'
         + ((g %% %(per_day)s)::bigint * (CASE WHEN g / %(per_day)s = %(last_day)s THEN %(today_us)s::bigint
@@ -93,7 +94,8 @@ SELECT
     round((exp(r6 * 6) + r7)::numeric, 3)::float8,
     200, CASE WHEN o.outcome = 'error' THEN -32603 END,
     o.outcome,
-    m.method = 'tools/call' AND o.outcome = 'ok'
+    m.method = 'tools/call' AND o.outcome = 'ok',
+    'server'
 FROM (
     SELECT g, random() AS r1, random() AS r2, random() AS r3, random() AS r4, random() AS r5, random() AS r6,
            random() AS r7, random() AS r8, random() AS r9
@@ -121,6 +123,7 @@ class Fixture:
         from django.contrib.auth import get_user_model
         from waffle.models import Flag
 
+        from external_mcp.exposed_names import derive_prefix
         from external_mcp.models import ExternalMcpServer
         from twinmcp import services as core
         from twinmcp.flags import flag_enable_for_workspace
@@ -143,7 +146,8 @@ class Fixture:
         self.admin = self.users[0]
         self.key, self.raw_key = core.api_key_create(user=self.admin, workspace=self.workspace, name="bench")
         self.servers = ExternalMcpServer.objects.bulk_create([
-            ExternalMcpServer(workspace=self.workspace, name=f"bench-server-{i}", base_url="https://93.184.215.14/mcp")
+            ExternalMcpServer(workspace=self.workspace, name=f"bench-server-{i}",
+                              prefix=derive_prefix(f"bench-{i}", ()), base_url="https://93.184.215.14/mcp")
             for i in range(servers)
         ])
 
