@@ -330,14 +330,13 @@ def main() -> None:
         headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
                    "MCP-Protocol-Version": MODERN, "Mcp-Method": "tools/call", "Mcp-Name": "echo"}
         with_key = {**headers, "Authorization": f"Bearer {key}"}
-        gw_pids = tuple(machine.family(gateway.pid))
         paths = {
             "direct": Target(upstream_url, "echo", headers),
             "floor": Target(f"http://127.0.0.1:{floor_port}/mcp", "echo", headers, (floor.pid,)),
-            "gateway": Target(f"{gateway_url}/{server_id}/mcp", "echo", with_key, gw_pids, ("server", server_id)),
-            "workspace": Target(f"{gateway_url}/mcp", exposed, {**with_key, "Mcp-Name": exposed}, gw_pids,
+            "gateway": Target(f"{gateway_url}/{server_id}/mcp", "echo", with_key, (), ("server", server_id)),
+            "workspace": Target(f"{gateway_url}/mcp", exposed, {**with_key, "Mcp-Name": exposed}, (),
                                 ("workspace", server_id)),
-            "oauth": Target(f"{gateway_url}/{oauth_id}/mcp", "echo", with_key, gw_pids, ("server", oauth_id)),
+            "oauth": Target(f"{gateway_url}/{oauth_id}/mcp", "echo", with_key, (), ("server", oauth_id)),
         }
         paths = {name: target for name, target in paths.items() if name in args.paths.split(",")}
         ours = [os.getpid(), *machine.service_pids(), *(proc.pid for proc in procs)]
