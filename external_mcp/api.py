@@ -225,7 +225,7 @@ class ServerTest(ExternalMcpView):
         data = {
             "ok": result.ok, "error_class": result.error_class, "error_message": result.error_message,
             "hint": result.hint, "protocol_version": result.protocol_version, "era": result.era,
-            "server_name": result.server_name, "server_version": result.server_version,
+            "transport": result.transport, "server_name": result.server_name, "server_version": result.server_version,
             "latency_ms": result.total_ms, "timings_ms": result.timings_ms, "status": server.status,
             "server": ServerSerializer(server).data,
             "tools": tools_data(server, server.tools.exclude(state=ToolState.REMOVED)),

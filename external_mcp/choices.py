@@ -67,7 +67,17 @@ class ConnectionState(models.TextChoices):
 
 
 class Transport(models.TextChoices):
+    """How TwinMCP talks to a server. ``auto`` follows the spec's backwards-compatibility rule: a
+    POST to the URL first (Streamable HTTP), then, if that is refused with 400, 404 or 405, a GET
+    expecting an event stream whose first event names the message endpoint (HTTP+SSE, 2024-11-05);
+    what answered is stored on the server as ``transport_found``."""
+
+    AUTO = "auto", "Automatic (Streamable HTTP, else HTTP+SSE)"
     STREAMABLE_HTTP = "streamable_http", "Streamable HTTP"
+    SSE = "sse", "HTTP+SSE (protocol 2024-11-05)"
+
+
+CONCRETE_TRANSPORTS = (Transport.STREAMABLE_HTTP, Transport.SSE)
 
 
 class AuditAction(models.TextChoices):

@@ -16,7 +16,7 @@ from django.http import HttpRequest, HttpResponse
 from django.views.decorators.http import require_POST
 
 from external_mcp import catalog, storable, trial
-from external_mcp.choices import AuthType
+from external_mcp.choices import AuthType, Transport
 from external_mcp.forms import CredentialsForm, ServerForm, apply_service_errors
 from external_mcp.models import ExternalMcpServer
 from external_mcp.views import (
@@ -85,7 +85,8 @@ def _trial(request: HttpRequest, *, server: ExternalMcpServer | None, form: Serv
                                                     base_url=form.cleaned_data["base_url"],
                                                     typed=cred_form.payload(new=new))
             prepared = trial.trial_prepare(base_url=form.cleaned_data["base_url"], auth_type=auth_type,
-                                           credentials=credentials)
+                                           credentials=credentials,
+                                           transport=form.cleaned_data.get("transport") or Transport.AUTO)
         except ValidationError as exc:
             apply_service_errors(exc, form, cred_form)
             valid = False

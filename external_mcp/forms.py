@@ -14,7 +14,7 @@ from django import forms
 from django.core.exceptions import ValidationError
 
 from external_mcp import pem_checks
-from external_mcp.choices import AuthType, CredentialMode, PrefixMode, ServerStatus
+from external_mcp.choices import AuthType, CredentialMode, PrefixMode, ServerStatus, Transport
 from external_mcp.credentials import MAX_PEM_BYTES
 from external_mcp.exposed_names import PREFIX_MAX_CHARS
 
@@ -58,9 +58,14 @@ class ServerForm(forms.Form):
     )
     base_url = forms.CharField(
         label="MCP endpoint URL", max_length=2048,
-        help_text="The server's Streamable HTTP endpoint, e.g. https://mcp.example.com/mcp",
+        help_text="The server's MCP endpoint, e.g. https://mcp.example.com/mcp (or, for an HTTP+SSE server, its "
+                  "event stream, e.g. https://mcp.example.com/sse)",
         widget=forms.URLInput(attrs={"placeholder": "https://mcp.example.com/mcp", "spellcheck": "false"}),
     )
+    transport = forms.ChoiceField(
+        label="Transport", choices=Transport.choices, initial=Transport.AUTO, required=False,
+        help_text="Automatic tries Streamable HTTP, then the older HTTP+SSE transport if the URL refuses a POST, "
+                  "and remembers what answered.")
     description = forms.CharField(label="Description", required=False, max_length=2000,
                                   widget=forms.Textarea(attrs={"rows": 3}))
     tags = forms.CharField(label="Tags", required=False, max_length=1000,
@@ -93,6 +98,7 @@ class ServerForm(forms.Form):
         data = self.cleaned_data
         return {
             "name": data["name"], "base_url": data["base_url"], "description": data["description"],
+            "transport": data["transport"] or Transport.AUTO,
             "tags": [t.strip() for t in data["tags"].split(",") if t.strip()],
             **({"prefix": data["prefix"]} if data["prefix"] else {}),
         }

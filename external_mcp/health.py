@@ -60,14 +60,15 @@ async def run_checks(targets: list[Target], *, concurrency: int | None = None) -
     concurrency = concurrency or settings.EXTERNAL_MCP_HEALTH_CONCURRENCY
     semaphore = asyncio.Semaphore(concurrency)
     limits = timeouts()
-    async with mcp_client.new_session(limit=concurrency) as session:
+    # Two connections a check: an HTTP+SSE server's stream stays open while its messages are posted.
+    async with mcp_client.new_session(limit=2 * concurrency) as session:
 
         async def one(target: Target) -> mcp_client.CheckResult:
             if target.failure is not None:
                 return target.failure
             async with semaphore:
                 return await mcp_client.check(target.server.base_url, target.scheme, session=session,
-                                              timeouts=limits)
+                                              timeouts=limits, transport=target.server.transport)
 
         return await asyncio.gather(*(one(t) for t in targets))
 
@@ -109,6 +110,7 @@ def _store(server: ExternalMcpServer, result: mcp_client.CheckResult, now: datet
             row.consecutive_failures, row.last_ok_at = 0, now
             row.error_message = " ".join(part for part in (message, note) if part)
             row.protocol_version = storable.display_text(result.protocol_version, 20)
+            row.transport_found = result.transport
             row.server_info = storable.safe({
                 "name": result.server_name, "version": result.server_version, "era": result.era,
                 "capabilities": _bounded(result.capabilities), "card_url": result.card_url})
@@ -123,7 +125,7 @@ def _store(server: ExternalMcpServer, result: mcp_client.CheckResult, now: datet
             down = row.consecutive_failures >= settings.EXTERNAL_MCP_HEALTH_DOWN_AFTER
             target, reason = (ServerStatus.DOWN if down else ServerStatus.WARNING), row.error_message
         row.save(update_fields=["last_checked_at", "last_latency_ms", "consecutive_failures", "last_ok_at",
-                                "error_message", "protocol_version", "server_info"])
+                                "error_message", "protocol_version", "server_info", "transport_found"])
         if row.status != ServerStatus.DISABLED:
             transition(server=row, new=target, reason=reason)
             if result.ok:

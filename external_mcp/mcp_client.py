@@ -1,4 +1,5 @@
-"""A small MCP client over Streamable HTTP for health checks, connection tests and discovery.
+"""A small MCP client for health checks, connection tests and discovery, over Streamable HTTP or
+the older HTTP+SSE transport (``legacy_sse``), or whichever of the two answers (``auto``).
 
 Built on aiohttp (the proxy's client, see docs/architecture.md) rather than the SDK client so
 that every step has its own timeout, no redirect is ever followed, the URL policy is applied
@@ -15,7 +16,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -23,7 +24,8 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from external_mcp import sse, urlpolicy
+from external_mcp import legacy_sse, sse, urlpolicy
+from external_mcp.choices import Transport
 from external_mcp.oauth.tokens import TokenUnavailable
 from external_mcp.storable import display_text
 
@@ -51,7 +53,8 @@ HINTS = {
     "timeout": "The server did not answer in time.",
     "auth": "The server refused the credentials; rotate the secret.",
     "http": "The server answered with an unexpected HTTP status; check the MCP endpoint URL.",
-    "protocol": "The server did not speak MCP over Streamable HTTP (handshake failed).",
+    "protocol": "The server did not speak MCP over the transport expected (handshake failed); check the URL and "
+    "the server's transport.",
     "policy": "The URL is refused by TwinMCP's URL policy.",
     "credentials": "The stored credentials cannot be used.",
     "record": "TwinMCP could not store this check's result. Approved tools whose definition it could not verify "
@@ -84,6 +87,8 @@ class CheckResult:
     card_url: str = ""
     timings_ms: dict[str, float] = field(default_factory=dict)
     total_ms: float = 0.0
+    transport: str = ""
+    """The transport the handshake succeeded on (``Transport``'s concrete values)."""
     list_changed_seen: bool = False
 
     @property
@@ -132,8 +137,13 @@ _ids = itertools.count(1)
 class McpProbe:
     """One health check of one upstream: discovery, handshake, tools/list, session close."""
 
-    def __init__(self, url: str, scheme: AuthScheme, session: aiohttp.ClientSession, timeouts: Timeouts) -> None:
+    def __init__(self, url: str, scheme: AuthScheme, session: aiohttp.ClientSession, timeouts: Timeouts,
+                 transport: str = Transport.AUTO) -> None:
         self.url = url
+        self.transport = transport
+        self.stream: legacy_sse.EventStream | None = None
+        self.endpoint = ""
+        """On HTTP+SSE, where messages are posted (named by the stream's first event)."""
         self.scheme = scheme
         self.session = session
         self.timeouts = timeouts
@@ -169,6 +179,8 @@ class McpProbe:
             self.result.error_message = display_text(self.result.error_message, 2000)
             if self.session_id:
                 await self._step("close", self._close_session)
+            if self.stream is not None:
+                self.stream.close()
             self.result.total_ms = round((time.perf_counter() - started) * 1000, 1)
         return self.result
 
@@ -192,11 +204,17 @@ class McpProbe:
         all_headers = {**self.auth_headers, **(headers or {})}
         timeout = aiohttp.ClientTimeout(total=self.timeouts.step, sock_connect=self.timeouts.connect)
         data = json.dumps(body).encode() if body is not None else None
-        try:
+        with self._failures(method, url):
             async with self.session.request(method, url, headers=all_headers, data=data, ssl=self.ssl,
                                             allow_redirects=False, timeout=timeout) as response:
                 payload = await self._read(response)
                 return response.status, response.headers.get("Content-Type", ""), payload, response.headers
+
+    @contextlib.contextmanager
+    def _failures(self, method: str, url: str) -> Iterator[None]:
+        """aiohttp's failures as the few classes an admin can act on."""
+        try:
+            yield
         except urlpolicy.UrlPolicyError:
             raise
         except aiohttp.ClientConnectorDNSError:
@@ -241,12 +259,15 @@ class McpProbe:
             body["params"] = params
         base = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
         status, content_type, payload, response_headers = await self._request(
-            "POST", self.url, headers={**base, **headers}, body=body)
+            "POST", self.endpoint or self.url, headers={**base, **headers}, body=body)
         if not 200 <= status < 300:
             if accept_errors and status in (400, 404, 405, 406, 415, 422):
                 return status, None, response_headers
             raise self._status_error(status, method)
-        message = self._find_response(content_type, payload, request_id, method)
+        if self.stream is not None:
+            message = await self._streamed_response(request_id, method)
+        else:
+            message = self._find_response(content_type, payload, request_id, method)
         if "error" in message and not accept_errors:
             error = message["error"] if isinstance(message["error"], dict) else {}
             raise CheckError("protocol", f"{method} failed: {str(error.get('message', 'error'))[:200]}")
@@ -261,13 +282,31 @@ class McpProbe:
         else:
             raise CheckError("protocol", f"Unexpected content type {kind or '(none)'!r} for {method}.")
         for message in itertools.chain.from_iterable(m if isinstance(m, list) else [m] for m in messages):
-            if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
-                raise CheckError("protocol", f"The answer to {method} is not JSON-RPC 2.0.")
-            if message.get("method") == "notifications/tools/list_changed":
-                self.result.list_changed_seen = True
-            if message.get("id") == request_id and ("result" in message or "error" in message):
+            if self._is_response(message, request_id, method):
                 return message
         raise CheckError("protocol", f"No JSON-RPC response to {method} in the answer.")
+
+    def _is_response(self, message: Any, request_id: int, method: str) -> bool:
+        if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
+            raise CheckError("protocol", f"The answer to {method} is not JSON-RPC 2.0.")
+        if message.get("method") == "notifications/tools/list_changed":
+            self.result.list_changed_seen = True
+        return message.get("id") == request_id and ("result" in message or "error" in message)
+
+    async def _streamed_response(self, request_id: int, method: str) -> dict[str, Any]:
+        """On HTTP+SSE the response comes on the stream, after whatever the server sends first."""
+        assert self.stream is not None
+        while True:
+            try:
+                with self._failures("GET", self.url):
+                    message = await self.stream.next_message()
+            except legacy_sse.StreamBroken as exc:
+                raise CheckError("protocol", f"The server's event stream is not HTTP+SSE: {exc}.") from None
+            if message is None:
+                raise CheckError("protocol", f"The server's event stream ended before the response to {method}.")
+            for item in message if isinstance(message, list) else [message]:
+                if self._is_response(item, request_id, method):
+                    return item
 
     # --- steps -------------------------------------------------------------------------------------------------
 
@@ -300,6 +339,27 @@ class McpProbe:
         return params, {"MCP-Protocol-Version": MODERN_VERSION, "Mcp-Method": method}
 
     async def _handshake(self) -> None:
+        if self.transport == Transport.SSE:
+            await self._sse_handshake()
+            return
+        refused = await self._streamable_handshake()
+        if refused is None:
+            return
+        if self.transport != Transport.AUTO:
+            raise CheckError("protocol", f"Handshake failed: the URL refuses MCP's POST requests (HTTP {refused}). If "
+                                         "this is an HTTP+SSE server, choose that transport (or Automatic) and its "
+                                         "stream's URL.")
+        try:
+            await self._sse_handshake()
+        except CheckError as exc:
+            if exc.error_class not in ("http", "protocol"):
+                raise
+            raise CheckError(exc.error_class, f"The URL refuses MCP's POST requests (HTTP {refused}), and it is not an "
+                                              f"HTTP+SSE server's stream either: {exc}", status=exc.status) from None
+
+    async def _streamable_handshake(self) -> int | None:
+        """Streamable HTTP; the refusing status when every POST was refused with 400, 404 or 405,
+        which the spec reads as "not this transport" (404 or 405 at once: no initialize would pass)."""
         params, headers = self._modern("server/discover")
         status, message, _ = await self._rpc("server/discover", params, headers=headers, accept_errors=True)
         result = (message or {}).get("result")
@@ -308,27 +368,73 @@ class McpProbe:
             meta = result.get("_meta")
             info = meta.get("io.modelcontextprotocol/serverInfo") if isinstance(meta, dict) else None
             self._record(MODERN_VERSION, "stateless", info, result)
-            return
+            return None
+        if message is None and status in (404, 405):
+            return status
+        refusals = 0
         for version in HANDSHAKE_VERSIONS:
             params = {"protocolVersion": version, "capabilities": {}, "clientInfo": CLIENT_INFO}
             status, message, response_headers = await self._rpc("initialize", params, headers={},
                                                                  accept_errors=True)
-            result = (message or {}).get("result")
-            if not isinstance(result, dict):
-                continue
-            negotiated = result.get("protocolVersion")
-            if negotiated not in ACCEPTED_HANDSHAKE_VERSIONS:
-                raise CheckError("protocol", f"The server offered protocol version {str(negotiated)[:40]!r}, "
-                                             "which TwinMCP does not speak.")
-            self.session_id = response_headers.get("Mcp-Session-Id")
-            self._record(negotiated, "handshake", result.get("serverInfo"), result)
-            await self._notify_initialized()
-            return
+            if await self._initialized(message, response_headers):
+                return None
+            refusals += message is None and status in (400, 404, 405)
+        if refusals == len(HANDSHAKE_VERSIONS):
+            return status
         raise CheckError("protocol", "Handshake failed: the server accepted neither server/discover nor initialize.")
+
+    async def _sse_handshake(self) -> None:
+        """HTTP+SSE: open the stream, learn the message endpoint, then initialize over it."""
+        await self._step("stream", self._open_stream)
+        for version in ACCEPTED_HANDSHAKE_VERSIONS:
+            params = {"protocolVersion": version, "capabilities": {}, "clientInfo": CLIENT_INFO}
+            _, message, response_headers = await self._rpc("initialize", params, headers={}, accept_errors=True)
+            if await self._initialized(message, response_headers):
+                return
+        raise CheckError("protocol", "Handshake failed: the server's HTTP+SSE endpoint accepted no initialize.")
+
+    async def _initialized(self, message: dict[str, Any] | None, response_headers: Mapping[str, str]) -> bool:
+        """An initialize response taken: the version checked, the facts recorded, the session confirmed."""
+        result = (message or {}).get("result")
+        if not isinstance(result, dict):
+            return False
+        negotiated = result.get("protocolVersion")
+        if negotiated not in ACCEPTED_HANDSHAKE_VERSIONS:
+            raise CheckError("protocol", f"The server offered protocol version {str(negotiated)[:40]!r}, "
+                                         "which TwinMCP does not speak.")
+        if self.stream is None:
+            self.session_id = response_headers.get("Mcp-Session-Id")
+        self._record(negotiated, "handshake", result.get("serverInfo"), result)
+        await self._notify_initialized()
+        return True
+
+    async def _open_stream(self) -> None:
+        headers = {**self.auth_headers, "Accept": "text/event-stream"}
+        # No total: the stream stays open for the whole check (which has its own bound); each read has one.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeouts.connect, sock_read=self.timeouts.step)
+        with self._failures("GET", self.url):
+            response = await self.session.get(self.url, headers=headers, ssl=self.ssl, allow_redirects=False,
+                                              timeout=timeout)
+        kind = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if response.status != 200 or kind != "text/event-stream":
+            response.release()
+            if response.status != 200:
+                raise self._status_error(response.status, "the event stream (GET)")
+            raise CheckError("protocol", f"GET {urlsplit(self.url).path or '/'} answered "
+                                         f"{kind or '(no content type)'!r}, not an event stream: this URL is not an "
+                                         "HTTP+SSE server's stream.")
+        self.stream = legacy_sse.EventStream(response, max_event_bytes=MAX_BODY_BYTES)
+        try:
+            with self._failures("GET", self.url):
+                self.endpoint = await self.stream.endpoint(self.url)
+        except legacy_sse.StreamBroken as exc:
+            raise CheckError("protocol", f"The server's event stream is not HTTP+SSE: {exc}.") from None
+        urlpolicy.validate_url(self.endpoint, resolve=False)
 
     def _record(self, version: str, era: str, info: Any, result: Mapping[str, Any]) -> None:
         info = info if isinstance(info, dict) else {}
         self.result.protocol_version, self.result.era = version, era
+        self.result.transport = Transport.SSE if self.stream is not None else Transport.STREAMABLE_HTTP
         self.result.server_name = display_text(str(info.get("name", "")), 200)
         self.result.server_version = display_text(str(info.get("version", "")), 100)
         capabilities = result.get("capabilities")
@@ -345,7 +451,7 @@ class McpProbe:
         headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
                    **self._session_headers()}
         body = {"jsonrpc": "2.0", "method": "notifications/initialized"}
-        status, _, _, _ = await self._request("POST", self.url, headers=headers, body=body)
+        status, _, _, _ = await self._request("POST", self.endpoint or self.url, headers=headers, body=body)
         if status >= 400:
             raise self._status_error(status, "notifications/initialized")
 
@@ -379,8 +485,8 @@ class McpProbe:
 
 
 async def check(url: str, scheme: AuthScheme, *, session: aiohttp.ClientSession,
-                timeouts: Timeouts | None = None) -> CheckResult:
-    return await McpProbe(url, scheme, session, timeouts or Timeouts()).run()
+                timeouts: Timeouts | None = None, transport: str = Transport.AUTO) -> CheckResult:
+    return await McpProbe(url, scheme, session, timeouts or Timeouts(), transport).run()
 
 
 def _json(payload: bytes, method: str) -> Any:

@@ -14,6 +14,7 @@ from django.utils import timezone
 
 from external_mcp import staleness
 from external_mcp.choices import (
+    CONCRETE_TRANSPORTS,
     AuditAction,
     AuthType,
     ConnectionState,
@@ -86,7 +87,10 @@ class ExternalMcpServer(models.Model):
     prefix = models.CharField(max_length=PREFIX_MAX_CHARS, help_text="Its tools' names where several servers "
                               "meet: <prefix>__<tool> (external_mcp.exposed_names).")
     base_url = models.URLField(max_length=2048)
-    transport = models.CharField(max_length=32, choices=Transport.choices, default=Transport.STREAMABLE_HTTP)
+    transport = models.CharField(max_length=32, choices=Transport.choices, default=Transport.AUTO)
+    transport_found = models.CharField(
+        max_length=32, blank=True, default="", choices=[(t.value, t.label) for t in CONCRETE_TRANSPORTS],
+        help_text="The transport the last successful check spoke (with ``auto``: the one it found).")
     auth_type = models.CharField(max_length=32, choices=AuthType.choices, default=AuthType.NONE)
     credential_mode = models.CharField(max_length=16, choices=CredentialMode.choices, default=CredentialMode.SHARED)
     check_as = models.ForeignKey(
@@ -129,6 +133,11 @@ class ExternalMcpServer(models.Model):
     @property
     def has_credentials(self) -> bool:
         return self.auth_type != AuthType.NONE and hasattr(self, "credential")
+
+    @property
+    def speaks_sse(self) -> bool:
+        """HTTP+SSE, as chosen or as the last successful check found it."""
+        return Transport.SSE in (self.transport, self.transport_found)
 
     @property
     def per_user(self) -> bool:

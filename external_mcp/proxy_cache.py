@@ -64,6 +64,8 @@ class ServerInfo:
     """Set when each request's credentials carry a token obtained over the network (OAuth)."""
     connection_needed: str = ""
     """Why the caller's calls cannot go through until an account is connected, naming where."""
+    legacy_sse: bool = False
+    """The server speaks the HTTP+SSE transport (chosen, or found by ``auto``)."""
 
     @property
     def disabled(self) -> bool:
@@ -204,7 +206,8 @@ def _load_server(server_id: Any, user_id: int, workspace_id: Any) -> ServerInfo 
                       enabled=server.enabled, status=server.status, flag_on=flag_on, auth_headers=headers,
                       ssl=context, credential_error=error, connection_needed=needed,
                       tool_states={name: state for name, state, _ in tools},
-                      approved_hashes={name: digest for name, _, digest in tools if digest}, token_scheme=token_scheme)
+                      approved_hashes={name: digest for name, _, digest in tools if digest}, token_scheme=token_scheme,
+                      legacy_sse=server.speaks_sse)
 
 
 async def get_server(server_id: Any, key: KeyInfo) -> ServerInfo | None:

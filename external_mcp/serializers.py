@@ -47,8 +47,8 @@ class ServerSerializer(serializers.ModelSerializer):
     class Meta:
         model = ExternalMcpServer
         fields = [
-            "id", "workspace", "name", "prefix", "base_url", "transport", "auth_type", "credential_mode", "status",
-            "recorded_status",
+            "id", "workspace", "name", "prefix", "base_url", "transport", "transport_found", "auth_type",
+            "credential_mode", "status", "recorded_status",
             "stale", "stale_since", "error_message", "enabled", "description", "tags", "last_checked_at", "last_ok_at",
             "last_latency_ms", "consecutive_failures", "check_interval_seconds", "next_check_at", "has_credentials",
             "credential", "created_by", "created_at", "updated_at",
@@ -85,6 +85,9 @@ CREDENTIALS_HELP = (
     "register itself); none: omit. With credential_mode per_user, omit them (each member enters their own), "
     "except oauth2's client. Write-only."
 )
+TRANSPORT_HELP = ("auto (default): Streamable HTTP, else HTTP+SSE when the URL refuses a POST with 400, 404 or "
+                  "405; streamable_http; sse: the 2024-11-05 transport (the URL is the event stream's, e.g. "
+                  ".../sse). transport_found says what the last successful check spoke.")
 CREDENTIAL_MODE_HELP = ("shared: the server's credentials (or the workspace's OAuth account) serve every member; "
                         "per_user: each member connects their own account or enters their own secret, and calls "
                         "carry the caller's.")
@@ -100,7 +103,7 @@ class ServerWriteSerializer(serializers.Serializer):
         help_text="Its tools' names where several servers meet are <prefix>__<tool>: lowercase letters and digits "
                   "in runs joined by single '-' or '_', unique in the workspace. Default: derived from the name.")
     base_url = serializers.CharField(max_length=2048, help_text="The server's MCP endpoint URL.")
-    transport = serializers.ChoiceField(choices=Transport.choices, default=Transport.STREAMABLE_HTTP)
+    transport = serializers.ChoiceField(choices=Transport.choices, default=Transport.AUTO, help_text=TRANSPORT_HELP)
     auth_type = serializers.ChoiceField(choices=AuthType.choices,
                                         default=AuthType.NONE)
     credential_mode = serializers.ChoiceField(choices=CredentialMode.choices, default=CredentialMode.SHARED,
@@ -117,7 +120,7 @@ class ServerWriteSerializer(serializers.Serializer):
 class ServerUpdateSerializer(ServerWriteSerializer):
     name = serializers.CharField(max_length=100, required=False)
     base_url = serializers.CharField(max_length=2048, required=False)
-    transport = serializers.ChoiceField(choices=Transport.choices, required=False)
+    transport = serializers.ChoiceField(choices=Transport.choices, required=False, help_text=TRANSPORT_HELP)
     auth_type = serializers.ChoiceField(choices=AuthType.choices,
                                         required=False)
     credential_mode = serializers.ChoiceField(choices=CredentialMode.choices, required=False,
@@ -243,6 +246,7 @@ class TestResultSerializer(serializers.Serializer):
     hint = serializers.CharField()
     protocol_version = serializers.CharField()
     era = serializers.CharField()
+    transport = serializers.CharField(help_text="The transport the handshake succeeded on: streamable_http or sse.")
     server_name = serializers.CharField()
     server_version = serializers.CharField()
     latency_ms = serializers.FloatField()

@@ -217,7 +217,7 @@ def server_create(
     description: str = "",
     tags: list[str] | None = None,
     enabled: bool = True,
-    transport: str = Transport.STREAMABLE_HTTP,
+    transport: str = Transport.AUTO,
     check_interval_seconds: int | None = None,
     prefix: str | None = None,
     credential_mode: str = CredentialMode.SHARED,
@@ -297,7 +297,9 @@ def server_update(
     old_url = server.base_url
     changes = _apply_fields(server, fields)
     moved = "base_url" in changes and _moves(old_url, server.base_url)
-    if "enabled" in changes or "base_url" in changes:
+    if "transport" in changes or "base_url" in changes:
+        server.transport_found = ""  # what answered there before says nothing of what answers now
+    if "enabled" in changes or "base_url" in changes or "transport" in changes:
         server.next_check_at = timezone.now()
     new_auth = auth_type is not None and auth_type != server.auth_type
     new_mode = mode is not None and mode != server.credential_mode

@@ -28,6 +28,8 @@ class Event:
     event_id: bytes | None
     fields: tuple[bytes, ...]
     """Every line that is not a data line (id, event, retry, comments), as received."""
+    kind: bytes = b"message"
+    """The event's type: its last ``event`` field, ``message`` without one."""
 
     def with_data(self, data: bytes | None) -> bytes:
         """The event with its data replaced (None: no data line), its other lines kept."""
@@ -48,6 +50,7 @@ class Parser:
         self._data: list[bytes] = []
         self._has_data = False
         self._event_id: bytes | None = None
+        self._kind = b"message"
         self._fields: list[bytes] = []
 
     def feed(self, chunk: bytes) -> list[Event]:
@@ -109,11 +112,13 @@ class Parser:
             return
         if name == b"id" and b"\0" not in value:
             self._event_id = value
+        elif name == b"event":
+            self._kind = value or b"message"
         self._fields.append(line)
 
     def _dispatch(self, raw: bytes) -> Event:
         event = Event(raw=raw, data=b"\n".join(self._data) if self._has_data else None, event_id=self._event_id,
-                      fields=tuple(self._fields))
+                      fields=tuple(self._fields), kind=self._kind)
         self._reset()
         return event
 

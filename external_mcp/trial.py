@@ -16,7 +16,7 @@ from django.core.exceptions import ValidationError
 
 from external_mcp import health, mcp_client, services
 from external_mcp.auth_schemes import AuthScheme, build_scheme
-from external_mcp.choices import AuthType
+from external_mcp.choices import AuthType, Transport
 from external_mcp.credentials import validate_credentials
 from external_mcp.models import ExternalMcpServer
 from external_mcp.urlpolicy import UrlPolicyError, validate_url
@@ -69,9 +69,11 @@ def credentials_to_test(*, server: ExternalMcpServer | None, auth_type: str, bas
 class Trial:
     url: str
     scheme: AuthScheme
+    transport: str = Transport.AUTO
 
 
-def trial_prepare(*, base_url: str, auth_type: str, credentials: dict[str, str] | None) -> Trial:
+def trial_prepare(*, base_url: str, auth_type: str, credentials: dict[str, str] | None,
+                  transport: str = Transport.AUTO) -> Trial:
     """What a test will send, once the values pass what a save would require. Raises one
     ValidationError naming every field at fault (keys as the services name them), or
     TrialRefused for settings that cannot be tested before saving."""
@@ -91,14 +93,15 @@ def trial_prepare(*, base_url: str, auth_type: str, credentials: dict[str, str] 
         raise TrialRefused(UNTESTABLE[auth_type])
     # No cache key: the TLS context of an unsaved certificate is never cached (and a check always
     # fetches a fresh OAuth token).
-    return Trial(url=url, scheme=build_scheme(auth_type, clean.payload if clean else None))
+    return Trial(url=url, scheme=build_scheme(auth_type, clean.payload if clean else None), transport=transport)
 
 
 def trial_run(trial: Trial) -> mcp_client.CheckResult:
     """The check itself; the client applies the URL policy again to every address it connects to."""
-    return asyncio.run(_run(trial.url, trial.scheme))
+    return asyncio.run(_run(trial))
 
 
-async def _run(url: str, scheme: AuthScheme) -> mcp_client.CheckResult:
-    async with mcp_client.new_session(limit=1) as session:
-        return await mcp_client.check(url, scheme, session=session, timeouts=health.timeouts())
+async def _run(trial: Trial) -> mcp_client.CheckResult:
+    async with mcp_client.new_session(limit=2) as session:  # an HTTP+SSE server: its stream and a post
+        return await mcp_client.check(trial.url, trial.scheme, session=session, timeouts=health.timeouts(),
+                                      transport=trial.transport)

@@ -40,7 +40,15 @@ from external_mcp import (
     tool_names,
 )
 from external_mcp.agent_configs import agent_configs
-from external_mcp.choices import STATUS_COLOURS, STATUS_SORT_ORDER, AuthType, CredentialMode, ServerStatus, ToolState
+from external_mcp.choices import (
+    STATUS_COLOURS,
+    STATUS_SORT_ORDER,
+    AuthType,
+    CredentialMode,
+    ServerStatus,
+    ToolState,
+    Transport,
+)
 from external_mcp.forms import (
     CredentialsForm,
     ServerFilterForm,
@@ -355,6 +363,7 @@ def server_edit(request: HttpRequest, server_id: Any) -> HttpResponse:
     if request.method == "GET":
         auth_type = request.GET.get("auth_type") or server.auth_type
         form = ServerForm(initial={"name": server.name, "prefix": server.prefix, "base_url": server.base_url,
+                                   "transport": server.transport,
                                    "description": server.description, "tags": ", ".join(server.tags),
                                    "auth_type": auth_type, "credential_mode": server.credential_mode})
         return _form_page(request, server=server, form=form, cred_form=_cred_form(server, auth_type))
@@ -411,6 +420,7 @@ def check_summary(result: Any) -> dict[str, Any]:
         "ok": result.ok, "label": ERROR_LABELS.get(result.error_class, "Failed") if not result.ok else "Connected",
         "error_class": result.error_class, "message": result.error_message, "hint": result.hint,
         "protocol_version": result.protocol_version, "era": result.era, "server_name": result.server_name,
+        "transport": Transport(result.transport).label if result.transport else "",
         "server_version": result.server_version, "latency_ms": round(result.total_ms),
         "timings": {k: round(v) for k, v in result.timings_ms.items()}, "discovered": len(result.tools),
     }

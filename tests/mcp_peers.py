@@ -151,7 +151,7 @@ class RecordedRequest:
         return decoded.get("method") if isinstance(decoded, dict) else None
 
 
-_DRAIN_SCOPE_KEY = "mcp_peers.drain"
+DRAIN_SCOPE_KEY = "mcp_peers.drain"
 """Where inner layers (the slow gate) find the peer's drain event in the ASGI scope."""
 
 
@@ -230,14 +230,14 @@ class _RecordingMiddleware:
                 finished = True
             await send(message)
 
-        await self.app({**scope, _DRAIN_SCOPE_KEY: self.drain}, recording_receive, recording_send)
+        await self.app({**scope, DRAIN_SCOPE_KEY: self.drain}, recording_receive, recording_send)
         if started and not finished and self.drain.event.is_set():
             # A stream the drain ended: close the chunked body like a server that shuts down politely.
             with contextlib.suppress(Exception):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def _read_body(receive: Receive) -> bytes:
+async def read_body(receive: Receive) -> bytes:
     body = b""
     while True:
         message = await receive()
@@ -262,7 +262,7 @@ def _replaying(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-async def _serve_lifespan(receive: Receive, send: Send) -> None:
+async def serve_lifespan(receive: Receive, send: Send) -> None:
     """Answer the lifespan protocol for the raw ASGI peers, so uvicorn does not log them as broken."""
     while True:
         message = await receive()
@@ -851,7 +851,7 @@ class _HandshakeOnlyGate:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         version = headers.get("mcp-protocol-version")
         has_session = "mcp-session-id" in headers
-        body = await _read_body(receive)
+        body = await read_body(receive)
         try:
             decoded = json.loads(body)
         except ValueError:
@@ -924,6 +924,26 @@ def bearer_peer(token: str, *, json_response: bool = False) -> RunningPeer:
         return _streamable_app(server, json_response=json_response)
 
     return RunningPeer(factory, name="peer-bearer")
+
+
+def sse_peer(*, token: str | None = None, api_key: tuple[str, str] | None = None, mtls: bool = False,
+             name: str = "peer-sse", server_factory: Callable[[], MCPServer] | None = None) -> RunningPeer:
+    """The SDK's HTTP+SSE server (the 2024-11-05 transport): ``GET /sse`` opens the stream, whose
+    first event names ``/messages/?session_id=…`` for the posts. With ``token``, both need it as a
+    bearer token (the SDK's own resource-server auth); with ``api_key`` (header, value), that
+    header; with ``mtls``, a client certificate (as ``mtls_peer``)."""
+
+    def factory(peer: RunningPeer) -> ASGIApp:
+        auth: dict[str, Any] = {}
+        if token is not None:
+            auth = {"token_verifier": _StaticTokenVerifier(token), "auth": AuthSettings(
+                issuer_url=peer.base, resource_server_url=peer.url,  # type: ignore[arg-type]
+                validate_token_resource=False)}
+        server = server_factory() if server_factory is not None else build_demo_server(name, **auth)
+        app = server.sse_app(transport_security=_transport_security())
+        return _ApiKeyGate(app, *api_key) if api_key is not None else app
+
+    return RunningPeer(factory, name=name, path="/sse", tls=_localhost_tls(require_client_cert=True) if mtls else None)
 
 
 class _ApiKeyGate:
@@ -1013,8 +1033,8 @@ class _DelayGate:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        body = await _read_body(receive)
-        drain: _Drain | None = scope.get(_DRAIN_SCOPE_KEY)
+        body = await read_body(receive)
+        drain: _Drain | None = scope.get(DRAIN_SCOPE_KEY)
         if self.delay_s > 0:
             if drain is None:
                 await asyncio.sleep(self.delay_s)
@@ -1063,11 +1083,11 @@ def _garbage_app(kind: GarbageKind) -> ASGIApp:
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await _serve_lifespan(receive, send)
+            await serve_lifespan(receive, send)
             return
         if scope["type"] != "http":
             return
-        await _read_body(receive)
+        await read_body(receive)
         if kind == "html":
             body = b"<!doctype html><html><head><title>Welcome</title></head><body><h1>It works!</h1></body></html>"
             await _send_simple(send, 200, body, "text/html; charset=utf-8")
@@ -1109,11 +1129,11 @@ def _status_app(
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await _serve_lifespan(receive, send)
+            await serve_lifespan(receive, send)
             return
         if scope["type"] != "http":
             return
-        await _read_body(receive)
+        await read_body(receive)
         await _send_simple(send, status, body, content_type, extra)
 
     return app

@@ -34,7 +34,15 @@ from mcp.shared.auth import OAuthClientInformationFull
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from external_mcp.demo_oauth import SCOPE, MemoryProvider, build_protected_server
-from tests.mcp_peers import RunningPeer, _read_body, _replaying, _send_simple, _streamable_app
+from tests.mcp_peers import (
+    MCP_PATH,
+    RunningPeer,
+    _replaying,
+    _send_simple,
+    _streamable_app,
+    _transport_security,
+    read_body,
+)
 
 
 class _TokenEndpoint:
@@ -56,7 +64,7 @@ class _TokenEndpoint:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/token":
             await self.app(scope, receive, send)
             return
-        body = await _read_body(receive)
+        body = await read_body(receive)
         form = {k: v[0] for k, v in parse_qs(body.decode("latin-1")).items()}
         grant = form.get("grant_type", "")
         self.counts[grant] += 1
@@ -85,21 +93,23 @@ class _TokenEndpoint:
 
 
 class OAuthPeer(RunningPeer):
-    def __init__(self, *, subject: str, access_ttl: int, registration: bool) -> None:
+    def __init__(self, *, subject: str, access_ttl: int, registration: bool, sse: bool = False) -> None:
         self.subject = subject
+        self.sse = sse
         self.access_ttl = access_ttl
         self.registration = registration
         self.provider: MemoryProvider | None = None
         self.token_requests: Counter[str] = Counter()
         self.token_endpoint: _TokenEndpoint
-        super().__init__(self._build, name="peer-oauth")
+        super().__init__(self._build, name="peer-oauth", path="/sse" if sse else MCP_PATH)
 
     def _build(self, peer: RunningPeer) -> ASGIApp:
         self.provider = MemoryProvider(peer.base, self.subject, self.access_ttl)
         server = build_protected_server(self.provider, issuer=peer.base, resource=peer.url,
                                         registration=self.registration)
-        self.token_endpoint = _TokenEndpoint(_streamable_app(server, json_response=True, stateless=True),
-                                             self.token_requests, self.provider)
+        app = (server.sse_app(transport_security=_transport_security()) if self.sse
+               else _streamable_app(server, json_response=True, stateless=True))
+        self.token_endpoint = _TokenEndpoint(app, self.token_requests, self.provider)
         return self.token_endpoint
 
     @property
@@ -142,5 +152,7 @@ class OAuthPeer(RunningPeer):
         return client
 
 
-def oauth_peer(*, subject: str = "alice", access_ttl: int = 3600, registration: bool = True) -> OAuthPeer:
-    return OAuthPeer(subject=subject, access_ttl=access_ttl, registration=registration)
+def oauth_peer(*, subject: str = "alice", access_ttl: int = 3600, registration: bool = True,
+               sse: bool = False) -> OAuthPeer:
+    """``sse``: the same protected server on the HTTP+SSE transport, at ``/sse``."""
+    return OAuthPeer(subject=subject, access_ttl=access_ttl, registration=registration, sse=sse)

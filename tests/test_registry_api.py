@@ -92,7 +92,7 @@ def test_wrong_credentials_name_the_field(admin, flag_on, auth_type, credentials
         ({"tags": "nope"}, "tags"),
         ({"tags": ["a" * 41]}, "tags"),
         ({"enabled": "sometimes"}, "enabled"),
-        ({"transport": "sse"}, "transport"),
+        ({"transport": "websocket"}, "transport"),
         ({"check_interval_seconds": 1}, "check_interval_seconds"),
         ({"workspace": "globex"}, "workspace"),
         ({"prefix": "Has Spaces"}, "prefix"),

@@ -168,6 +168,7 @@ SPECTACULAR_SETTINGS = {
     "ENUM_NAME_OVERRIDES": {
         "AuthTypeEnum": "external_mcp.choices.AuthType",
         "ServerStatusEnum": "external_mcp.choices.ServerStatus",
+        "TransportEnum": "external_mcp.choices.Transport",
     },
 }
 

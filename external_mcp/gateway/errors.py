@@ -33,6 +33,12 @@ def upstream_error(server: ServerInfo, status: int, code: int, what: str, error_
                       detail=detail)
 
 
+def legacy_transport(server: ServerInfo) -> ProxyError:
+    return upstream_error(server, 502, -32026, "this server speaks the HTTP+SSE transport (protocol 2024-11-05), "
+                          "which the gateway does not relay yet; its tools can be discovered and approved, not "
+                          "called.", "transport")
+
+
 def timed_out(server: ServerInfo, seconds: float) -> ProxyError:
     return upstream_error(server, 504, -32014, f"the upstream did not answer within {seconds:g} s.", "timeout",
                           outcome=Outcome.TIMEOUT)

@@ -18,7 +18,7 @@ from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSI
 from external_mcp import sse
 from external_mcp.gateway import sessions, transport
 from external_mcp.gateway.call import Call
-from external_mcp.gateway.errors import ProxyError, too_large, upstream_error
+from external_mcp.gateway.errors import ProxyError, legacy_transport, too_large, upstream_error
 from external_mcp.gateway.relay import SESSION_ID_RE
 from external_mcp.gateway.sessions import Record, StoreDown, Upstream
 from external_mcp.jsonrpc import dumps, is_response, parse_json
@@ -124,6 +124,8 @@ async def session_for(call: Call, agent: Agent, member: Member, server: ServerIn
 
 async def open_session(call: Call, agent: Agent, server: ServerInfo) -> Upstream:
     """The initialize handshake with a member, in the agent's version where it is a handshake one."""
+    if server.legacy_sse:
+        raise legacy_transport(server)
     version = agent.record.version if agent.record.version in HANDSHAKE_PROTOCOL_VERSIONS else LATEST_HANDSHAKE
     capabilities = agent.record.capabilities if not agent.modern else {}
     initialize = {"jsonrpc": "2.0", "id": "twinmcp-initialize", "method": "initialize",
