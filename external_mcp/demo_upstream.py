@@ -1,11 +1,15 @@
 """The demo MCP server that ``make run`` starts and registers: a real upstream on loopback,
-built with the official SDK, so the demo exercises health checks and the proxy for real."""
+built with the official SDK, so the demo exercises health checks and the proxy for real. It
+serves the same tools over Streamable HTTP at ``/mcp`` and over the older HTTP+SSE transport at
+``/sse`` (what many deployed servers still speak), registered as two servers."""
 
 from __future__ import annotations
 
 import argparse
 
+import uvicorn
 from mcp.server.mcpserver import Context, MCPServer
+from starlette.applications import Starlette
 
 
 def build_server() -> MCPServer:
@@ -34,7 +38,14 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765)
     args = parser.parse_args()
-    build_server().run("streamable-http", host=args.host, port=args.port, streamable_http_path="/mcp")
+    uvicorn.run(build_app(), host=args.host, port=args.port, log_level="warning")
+
+
+def build_app() -> Starlette:
+    """Both transports on one origin; the Streamable HTTP app's lifespan runs its session manager."""
+    streamable = build_server().streamable_http_app(streamable_http_path="/mcp")
+    legacy = build_server().sse_app(sse_path="/sse", message_path="/messages/")
+    return Starlette(routes=[*streamable.routes, *legacy.routes], lifespan=streamable.router.lifespan_context)
 
 
 if __name__ == "__main__":

@@ -170,7 +170,7 @@ def proxy_settings(settings, redis_url):
     proxy_cache.flags.clear()
     served_catalog.views.clear()
     client = redis_lib.Redis.from_url(redis_url)
-    for pattern in ("twinmcp:quota:*", "twinmcp:mcp-session*"):
+    for pattern in ("twinmcp:quota:*", "twinmcp:mcp-session*", "twinmcp:sse-bridge:*"):
         for key in client.scan_iter(pattern):
             client.delete(key)
     client.close()

@@ -7,18 +7,14 @@ from __future__ import annotations
 import asyncio
 import json
 
-import aiohttp
 import pytest
 
 from external_mcp import catalog, legacy_sse, mcp_client, services
 from external_mcp.auth_schemes import build_scheme
 from external_mcp.models import ExternalMcpServer, ExternalMcpTool
 from tests import mcp_peers
-from tests.gateway import proxy_url
-from tests.gateway import register as register_approved
 from tests.oauth_peers import oauth_peer
 from tests.test_health_checks import _loopback_allowed, check, register  # noqa: F401 - the fixture applies here too
-from usage.models import UsageEvent
 
 ADD = "/servers/new/"
 
@@ -264,41 +260,6 @@ def test_an_endpoint_elsewhere_or_malformed_is_refused(data):
 
 def test_default_ports_are_the_same_origin():
     assert legacy_sse.message_url("https://h.example/sse", b"https://h.example:443/m") == "https://h.example:443/m"
-
-
-# -- the gateway -----------------------------------------------------------------------------------
-
-
-@pytest.mark.django_db(transaction=True)
-@pytest.mark.usefixtures("midday", "proxy_settings")
-def test_agents_are_told_the_gateway_does_not_relay_http_sse_yet(admin, flag_on, gateway):
-    async def post(url: str, body: dict, **extra: str) -> tuple[int, dict]:
-        headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
-                   "Authorization": f"Bearer {admin.raw_key}", **extra}
-        async with aiohttp.ClientSession() as session, session.post(url, json=body, headers=headers) as response:
-            return response.status, await response.json(content_type=None)
-
-    call = {"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "x"}}}
-    with mcp_peers.sse_peer() as peer:
-        server = register_approved(admin, peer, name="legacy")
-        peer.clear_requests()
-        per_server = asyncio.run(post(proxy_url(gateway, server), call))
-        modern = {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
-                  "io.modelcontextprotocol/clientInfo": {"name": "t", "version": "1"},
-                  "io.modelcontextprotocol/clientCapabilities": {}}
-        name = f"{server.prefix}__echo"
-        workspace = asyncio.run(post(
-            f"{gateway.base}/api/v1/external-mcp/mcp",
-            {**call, "params": {"name": name, "arguments": {"text": "x"}, "_meta": modern}},
-            **{"MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/call", "Mcp-Name": name}))
-        reached = list(peer.requests)
-    for status, body in (per_server, workspace):
-        assert status == 502 and body["error"]["code"] == -32026, body
-        assert "HTTP+SSE" in body["error"]["message"] and "legacy" in body["error"]["message"]
-    assert not reached
-    events = UsageEvent.objects.filter(server=server)
-    assert events.count() == 2 and not any(e.counted for e in events)
-    assert {e.outcome for e in events} == {"upstream_error"}
 
 
 # -- every auth type -------------------------------------------------------------------------------

@@ -303,6 +303,11 @@ EXTERNAL_MCP_TOOL_NAME_MAX_CHARS = config.integer("EXTERNAL_MCP_TOOL_NAME_MAX_CH
 EXTERNAL_MCP_TOOLS_PAGE_SIZE = config.integer("EXTERNAL_MCP_TOOLS_PAGE_SIZE", 500, minimum=1, maximum=5000)
 EXTERNAL_MCP_FANOUT_TIMEOUT_MS = config.integer("EXTERNAL_MCP_FANOUT_TIMEOUT_MS", 3000, minimum=100)
 EXTERNAL_MCP_SESSION_IDLE_SECONDS = config.integer("EXTERNAL_MCP_SESSION_IDLE_SECONDS", 3600, minimum=60)
+# HTTP+SSE upstreams: the event streams TwinMCP may hold open at once, per server and per workspace
+# (an agent session on such a server holds one; idle ones end after EXTERNAL_MCP_SESSION_IDLE_SECONDS).
+EXTERNAL_MCP_SSE_MAX_STREAMS_PER_SERVER = config.integer("EXTERNAL_MCP_SSE_MAX_STREAMS_PER_SERVER", 100, minimum=1)
+EXTERNAL_MCP_SSE_MAX_STREAMS_PER_WORKSPACE = config.integer("EXTERNAL_MCP_SSE_MAX_STREAMS_PER_WORKSPACE", 500,
+                                                            minimum=1)
 
 TWINMCP_API_KEY_TOUCH_SECONDS = config.integer("TWINMCP_API_KEY_TOUCH_SECONDS", 300)
 # Where the plan page's Upgrade button goes (an external checkout, or a site path); empty: no

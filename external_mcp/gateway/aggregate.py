@@ -21,7 +21,7 @@ from mcp.shared.inbound import ERROR_CODE_HTTP_STATUS, InboundLadderRejection, c
 from mcp_types import PROTOCOL_VERSION_META_KEY, SERVER_INFO_META_KEY
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
 
-from external_mcp.gateway import fanout, inbound, listen, quota, relay, sessions, transport
+from external_mcp.gateway import bridge, fanout, inbound, listen, quota, relay, sessions
 from external_mcp.gateway.call import Call, Receive, Scope, Send
 from external_mcp.gateway.errors import ProxyError
 from external_mcp.gateway.pipeline import Pipeline
@@ -33,6 +33,7 @@ from external_mcp.gateway.upstream import (
     close_all,
     completed,
     connect,
+    handshake_form,
     headers_for,
 )
 from external_mcp.jsonrpc import dumps, is_request, parse_json
@@ -276,6 +277,8 @@ async def route(call: Call, key: KeyInfo, view: View, agent: Agent, message: dic
     member, upstream_params = _target(view, message["method"], params)
     server = await inbound.load_server(call, member.id, key)
     forwarded = {**message, "params": upstream_params}
+    if bridged(agent, member):
+        forwarded = handshake_form(forwarded)
     call.messages, call.body = [forwarded], dumps(forwarded)
     inbound.govern(call, server, {})
     call.lap("route")
@@ -304,7 +307,7 @@ async def answer_upstream(call: Call, key: KeyInfo, view: View, agent: Agent, me
     call.messages, call.body = [forwarded], dumps(forwarded)
     await agent.load()
     upstream = agent.record.upstreams.get(str(server.id))
-    response = await transport.send(call, headers_for(call, agent, member, forwarded, upstream))
+    response = await bridge.forward(call, headers_for(call, agent, member, forwarded, upstream))
     async with response:
         await relay.answer(call, response, receive, send, [])
 

@@ -33,10 +33,9 @@ def upstream_error(server: ServerInfo, status: int, code: int, what: str, error_
                       detail=detail)
 
 
-def legacy_transport(server: ServerInfo) -> ProxyError:
-    return upstream_error(server, 502, -32026, "this server speaks the HTTP+SSE transport (protocol 2024-11-05), "
-                          "which the gateway does not relay yet; its tools can be discovered and approved, not "
-                          "called.", "transport")
+def credentials_refused(server: ServerInfo, status: int) -> ProxyError:
+    return upstream_error(server, 502, -32016, f"the upstream refused TwinMCP's stored credentials (HTTP {status}); "
+                          "a workspace admin must rotate them.", "auth")
 
 
 def timed_out(server: ServerInfo, seconds: float) -> ProxyError:

@@ -18,7 +18,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from external_mcp import metrics
-from external_mcp.gateway import inbound, quota, relay, transport
+from external_mcp.gateway import bridge, inbound, quota, relay
 from external_mcp.gateway.call import Call, Receive, Scope, Send
 from external_mcp.gateway.errors import ProxyError, client_disconnected
 from external_mcp.jsonrpc import dumps, error_body, error_response, id_key, is_request
@@ -81,7 +81,7 @@ class McpProxy(Pipeline):
             inbound.govern(call, server, headers)
             call.lap("request")
         extra = await quota.take(call, key)
-        response = await transport.send(call, headers)
+        response = await bridge.forward(call, headers)
         async with response:
             await relay.answer(call, response, receive, send, extra)
         call.lap("relay")

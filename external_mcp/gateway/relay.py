@@ -22,6 +22,7 @@ from external_mcp.gateway.call import Call, Receive, Send
 from external_mcp.gateway.errors import (
     client_disconnected,
     connection_failed,
+    credentials_refused,
     invalid_answer,
     timed_out,
     too_large,
@@ -82,8 +83,7 @@ async def answer(call: Call, response: aiohttp.ClientResponse, receive: Receive,
     content_type = response.headers.get("Content-Type", "")
     kind = content_type.split(";")[0].strip().lower()
     if status in (401, 403):
-        raise upstream_error(server, 502, -32016, f"the upstream refused TwinMCP's stored credentials (HTTP {status}); "
-                             "a workspace admin must rotate them.", "auth")
+        raise credentials_refused(server, status)
     if 300 <= status < 400:
         raise upstream_error(server, 502, -32017, "the upstream answered with a redirect, which is not followed.",
                              "redirect")

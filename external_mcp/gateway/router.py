@@ -8,7 +8,7 @@ import logging
 import re
 from typing import Any
 
-from external_mcp.gateway import aggregate, transport
+from external_mcp.gateway import aggregate, bridge, transport
 from external_mcp.gateway.aggregate import AggregateEndpoint
 from external_mcp.gateway.call import Receive, Scope, Send
 from external_mcp.gateway.pipeline import McpProxy
@@ -55,6 +55,7 @@ class Router:
                 for task in background:
                     task.cancel()
                 await asyncio.gather(*background, return_exceptions=True)
+                await bridge.close_all()
                 await transport.close_session()
                 await get_recorder().close()
                 await send({"type": "lifespan.shutdown.complete"})

@@ -102,7 +102,11 @@ def _decode(fields: dict[Any, Any]) -> Record:
     return record
 
 
-class RedisStore:
+class PerLoopRedis:
+    """One asyncio Redis client per event loop: a client is bound to the loop it was made on."""
+
+    socket_timeout: float = 1
+
     def __init__(self, url: str) -> None:
         self.url = url
         self._clients: dict[int, redis.asyncio.Redis] = {}
@@ -112,8 +116,11 @@ class RedisStore:
         client = self._clients.get(loop)
         if client is None:
             client = self._clients[loop] = redis.asyncio.Redis.from_url(
-                self.url, socket_timeout=1, socket_connect_timeout=1)
+                self.url, socket_timeout=self.socket_timeout, socket_connect_timeout=1)
         return client
+
+
+class RedisStore(PerLoopRedis):
 
     @staticmethod
     def _ttl() -> int:

@@ -15,7 +15,6 @@ from external_mcp.gateway.call import Call
 from external_mcp.gateway.errors import (
     connection_failed,
     connection_needed,
-    legacy_transport,
     timed_out,
     too_large,
     truncated,
@@ -86,8 +85,6 @@ async def send(call: Call, headers: dict[bytes, bytes]) -> aiohttp.ClientRespons
     """The upstream's response (its status and headers; the body is read by the relay)."""
     server = call.server
     assert server is not None
-    if server.legacy_sse:
-        raise legacy_transport(server)
     timeout_s = settings.EXTERNAL_MCP_PROXY_TIMEOUT_MS / 1000
     if call.method == "GET":
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(10.0, timeout_s), sock_read=None)

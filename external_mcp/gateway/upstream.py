@@ -6,6 +6,7 @@ and closes when the agent session ends."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -16,9 +17,9 @@ from mcp.shared.inbound import encode_header_value
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
 
 from external_mcp import sse
-from external_mcp.gateway import sessions, transport
+from external_mcp.gateway import bridge, sessions, transport
 from external_mcp.gateway.call import Call
-from external_mcp.gateway.errors import ProxyError, legacy_transport, too_large, upstream_error
+from external_mcp.gateway.errors import ProxyError, credentials_refused, too_large, upstream_error
 from external_mcp.gateway.relay import SESSION_ID_RE
 from external_mcp.gateway.sessions import Record, StoreDown, Upstream
 from external_mcp.jsonrpc import dumps, is_response, parse_json
@@ -28,6 +29,7 @@ from external_mcp.served_catalog import Member
 logger = logging.getLogger("external_mcp.proxy")
 
 LATEST_HANDSHAKE = HANDSHAKE_PROTOCOL_VERSIONS[-1]
+ENVELOPE_PREFIX = "io.modelcontextprotocol/"
 MODERN = MODERN_PROTOCOL_VERSIONS[-1]
 CLIENT_INFO = {"name": "twinmcp-gateway", "version": "1.0"}
 NAME_PARAMS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri", "resources/subscribe": "uri",
@@ -68,6 +70,18 @@ def modern_for(agent: Agent, member: Member) -> bool:
 def bridged(agent: Agent, member: Member) -> bool:
     """A 2026-07-28 agent reaching a handshake-era member: its results need the new era's fields."""
     return agent.modern and not modern_for(agent, member)
+
+
+def handshake_form(message: dict[str, Any]) -> dict[str, Any]:
+    """A 2026-07-28 agent's request as a handshake-era session carries it: without the per-request
+    envelope (``io.modelcontextprotocol/*`` in ``_meta``), which such servers refuse."""
+    params = message.get("params")
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    if not isinstance(meta, dict) or not any(k.startswith(ENVELOPE_PREFIX) for k in meta):
+        return message
+    kept = {k: v for k, v in meta.items() if not k.startswith(ENVELOPE_PREFIX)}
+    rest = {k: v for k, v in params.items() if k != "_meta"}
+    return {**message, "params": {**rest, "_meta": kept} if kept else rest}
 
 
 def completed(message: dict[str, Any]) -> dict[str, Any]:
@@ -124,12 +138,13 @@ async def session_for(call: Call, agent: Agent, member: Member, server: ServerIn
 
 async def open_session(call: Call, agent: Agent, server: ServerInfo) -> Upstream:
     """The initialize handshake with a member, in the agent's version where it is a handshake one."""
-    if server.legacy_sse:
-        raise legacy_transport(server)
     version = agent.record.version if agent.record.version in HANDSHAKE_PROTOCOL_VERSIONS else LATEST_HANDSHAKE
     capabilities = agent.record.capabilities if not agent.modern else {}
     initialize = {"jsonrpc": "2.0", "id": "twinmcp-initialize", "method": "initialize",
                   "params": {"protocolVersion": version, "capabilities": capabilities, "clientInfo": CLIENT_INFO}}
+    if server.legacy_sse:
+        session_id, result = await bridge.open_upstream(call, server, initialize)
+        return Upstream(session_id, _negotiated(server, result))
     sent = await transport.token_headers(server)
     headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json",
                **server.auth_headers, **sent, "X-Request-Id": call.request_id}
@@ -141,9 +156,7 @@ async def open_session(call: Call, agent: Agent, server: ServerInfo) -> Upstream
         # The token was revoked or ended early: one new token, one new try (as tool calls do).
         headers.update(await transport.token_headers(server, refused=sent))
         result, session_id = await _exchange(server, dumps(initialize), headers, "twinmcp-initialize")
-    negotiated = result.get("protocolVersion") if isinstance(result, dict) else None
-    if not isinstance(negotiated, str) or negotiated not in HANDSHAKE_PROTOCOL_VERSIONS:
-        raise _refused(server, "it offered no protocol version TwinMCP speaks")
+    negotiated = _negotiated(server, result)
     if session_id is not None and not SESSION_ID_RE.fullmatch(session_id):
         raise _refused(server, "its session id is not visible ASCII")
     if session_id:
@@ -153,9 +166,20 @@ async def open_session(call: Call, agent: Agent, server: ServerInfo) -> Upstream
     return Upstream(session_id or "", negotiated)
 
 
+def _negotiated(server: ServerInfo, result: Any) -> str:
+    negotiated = result.get("protocolVersion") if isinstance(result, dict) else None
+    if not isinstance(negotiated, str) or negotiated not in HANDSHAKE_PROTOCOL_VERSIONS:
+        raise _refused(server, "it offered no protocol version TwinMCP speaks")
+    return negotiated
+
+
 async def close_session(server: ServerInfo, upstream: Upstream) -> None:
     """Ends one upstream session; failures are only logged (the server idles it out anyway)."""
     if not upstream.session_id:
+        return
+    if server.legacy_sse:
+        with contextlib.suppress(ProxyError):
+            await bridge.session_close(upstream.session_id)
         return
     try:
         headers = {**server.auth_headers, **await transport.token_headers(server),
@@ -175,8 +199,7 @@ async def _exchange(server: ServerInfo, body: bytes, headers: dict[str, str],
         async with transport.upstream_session().post(server.base_url, data=body, headers=headers, ssl=server.ssl,
                                                      allow_redirects=False, timeout=timeout) as response:
             if response.status in (401, 403):
-                raise upstream_error(server, 502, -32016, f"the upstream refused TwinMCP's stored credentials "
-                                     f"(HTTP {response.status}); a workspace admin must rotate them.", "auth")
+                raise credentials_refused(server, response.status)
             if response.status >= 300:
                 raise _refused(server, f"HTTP {response.status}")
             if request_id is None:
@@ -241,9 +264,9 @@ async def connect(call: Call, agent: Agent, member: Member, server: ServerInfo,
                   message: dict[str, Any]) -> aiohttp.ClientResponse:
     """The member's response to ``call``'s body, on a session opened again once if it forgot ours."""
     upstream = await session_for(call, agent, member, server)
-    response = await transport.send(call, headers_for(call, agent, member, message, upstream))
+    response = await bridge.forward(call, headers_for(call, agent, member, message, upstream))
     if response.status == 404 and upstream is not None and upstream.session_id:
         response.release()
         upstream = await session_for(call, agent, member, server, fresh=True)
-        response = await transport.send(call, headers_for(call, agent, member, message, upstream))
+        response = await bridge.forward(call, headers_for(call, agent, member, message, upstream))
     return response

@@ -27,6 +27,8 @@ from twinmcp.models import ApiKey, Role, Workspace
 DEMO_SLUG = "demo"
 DEMO_SERVER = "Demo MCP server"
 DEMO_UPSTREAM_URL = "http://127.0.0.1:8765/mcp"
+DEMO_SSE_SERVER = "Legacy demo server (HTTP+SSE)"
+DEMO_SSE_URL = "http://127.0.0.1:8765/sse"
 DEMO_USER = "admin"
 
 
@@ -54,7 +56,8 @@ class Command(BaseCommand):
                 _, raw = services.api_key_create(user=user, workspace=workspace, name="demo")
                 state["api_key"] = raw
             flag_enable_for_workspace(workspace=workspace)
-            server = self._demo_server(workspace, user)
+            server = self._demo_server(workspace, user, DEMO_SERVER, DEMO_UPSTREAM_URL)
+            legacy = self._demo_server(workspace, user, DEMO_SSE_SERVER, DEMO_SSE_URL)
         state_file.parent.mkdir(parents=True, exist_ok=True)
         state_file.write_text(json.dumps(state))
         state_file.chmod(0o600)
@@ -68,6 +71,7 @@ class Command(BaseCommand):
                     f"  API key:   {state['api_key']}",
                     f"  workspace: {workspace.slug}",
                     f"  demo MCP server: {server.id if server else '(not registered)'} -> {DEMO_UPSTREAM_URL}",
+                    f"  legacy demo server (HTTP+SSE): {legacy.id if legacy else '(not registered)'} -> {DEMO_SSE_URL}",
                     "  workspace endpoint: http://127.0.0.1:8000/api/v1/external-mcp/mcp"
                     + (f"  (tools: {server.prefix}__echo, …)" if server else ""),
                     f"  server endpoint: http://127.0.0.1:8000/api/v1/external-mcp/{server.id}/mcp" if server else "",
@@ -76,13 +80,13 @@ class Command(BaseCommand):
             )
         )
 
-    def _demo_server(self, workspace: Workspace, user: object) -> ExternalMcpServer | None:
-        server = ExternalMcpServer.objects.filter(workspace=workspace, name=DEMO_SERVER).first()
+    def _demo_server(self, workspace: Workspace, user: object, name: str, url: str) -> ExternalMcpServer | None:
+        server = ExternalMcpServer.objects.filter(workspace=workspace, name=name).first()
         if server is not None:
             return server
         try:
             return server_create(
-                workspace=workspace, actor=user, name=DEMO_SERVER, base_url=DEMO_UPSTREAM_URL,
+                workspace=workspace, actor=user, name=name, base_url=url,
                 description="Started by make run: echo, add and count (with progress).", tags=["demo"],
             )
         except ValidationError as exc:
