@@ -16,11 +16,13 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import ElicitResult
 from pydantic import BaseModel
 
-from external_mcp import demo_upstream, health, services
+from external_mcp import catalog, demo_upstream, health, services
 from external_mcp.gateway import bridge, bridge_store
 from tests import mcp_peers
+from tests.everything_peer import everything_sse
 from tests.gateway import GatewayProcess, agent, proxy_url, register
 from tests.test_proxy import wait_for
+from tests.test_sse_upstream import raw_sse_server
 from twinmcp import services as core_services
 from usage.models import UsageEvent
 
@@ -285,3 +287,45 @@ def test_the_session_store_down_is_a_clear_503_and_its_return_serves_again(admin
     assert down.status_code == 503 and down.json()["error"]["code"] == -32028
     assert refused.status_code == 503 and "session store" in refused.json()["error"]["message"]
     assert lost.status_code == 404 and again.status_code == 200
+
+
+def test_a_hostile_stream_cannot_send_the_gateways_posts_elsewhere_nor_break_it(admin, flag_on, gateway):
+    with mcp_peers.default_peer() as elsewhere, _client(admin) as http:
+        away = f"event: endpoint\ndata: {elsewhere.base}/messages?session_id=1\n\n".encode()
+        with raw_sse_server([away]) as peer:
+            server = services.server_create(workspace=admin.workspace, actor=admin.user, name="away",
+                                            base_url=peer.url, transport="sse")
+            refused = _initialize(http, proxy_url(gateway, server))
+        garbage = [b"event: endpoint\ndata: /messages?session_id=abc\n\n"]
+        with raw_sse_server(garbage, answer=b"event: message\ndata: \xff not json\n\n") as peer:
+            server = services.server_create(workspace=admin.workspace, actor=admin.user, name="garbage",
+                                            base_url=peer.url, transport="sse")
+            broken = _initialize(http, proxy_url(gateway, server))
+        posted_elsewhere = [r for r in elsewhere.requests if r.method == "POST"]
+    assert refused.status_code == 502 and "another origin" in refused.json()["error"]["message"]
+    assert not posted_elsewhere
+    assert broken.status_code == 200 and payloads(broken)[-1]["error"]["code"] == -32023
+    wait_for(lambda: not bridge._held)
+
+
+def test_the_typescript_everything_server_over_http_sse_through_both_endpoints(admin, flag_on, gateway):
+    with everything_sse() as url:
+        server = services.server_create(workspace=admin.workspace, actor=admin.user, name="Everything", base_url=url)
+        result, server = health.check_now(server)
+        assert result.ok, result.error_message
+        catalog.tools_approve(server=server, actor=admin.user, names=["echo", "get-sum"])
+
+        async def scenario():
+            async with agent(proxy_url(gateway, server), admin.raw_key) as client:
+                listed = await client.list_tools()
+                echoed = await client.call_tool("echo", {"message": "ts"})
+            async with agent(f"{gateway.base}{WORKSPACE}", admin.raw_key, mode="2026-07-28") as client:
+                summed = await client.call_tool(f"{server.prefix}__get-sum", {"a": 2, "b": 3})
+            return sorted(t.name for t in listed.tools), echoed, summed
+
+        names, echoed, summed = asyncio.run(scenario())
+        wait_for(lambda: len(bridge._held) <= 1)
+    assert server.transport_found == "sse" and server.status == "healthy"
+    assert names == ["echo", "get-sum"]  # the other tools wait for approval: not shown
+    assert echoed.content[0].text == "Echo: ts"
+    assert "5" in summed.content[0].text

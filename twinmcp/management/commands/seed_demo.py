@@ -57,7 +57,7 @@ class Command(BaseCommand):
                 state["api_key"] = raw
             flag_enable_for_workspace(workspace=workspace)
             server = self._demo_server(workspace, user, DEMO_SERVER, DEMO_UPSTREAM_URL)
-            legacy = self._demo_server(workspace, user, DEMO_SSE_SERVER, DEMO_SSE_URL)
+            legacy = self._demo_server(workspace, user, DEMO_SSE_SERVER, DEMO_SSE_URL, prefix="legacy-demo")
         state_file.parent.mkdir(parents=True, exist_ok=True)
         state_file.write_text(json.dumps(state))
         state_file.chmod(0o600)
@@ -80,13 +80,14 @@ class Command(BaseCommand):
             )
         )
 
-    def _demo_server(self, workspace: Workspace, user: object, name: str, url: str) -> ExternalMcpServer | None:
+    def _demo_server(self, workspace: Workspace, user: object, name: str, url: str,
+                     prefix: str | None = None) -> ExternalMcpServer | None:
         server = ExternalMcpServer.objects.filter(workspace=workspace, name=name).first()
         if server is not None:
             return server
         try:
             return server_create(
-                workspace=workspace, actor=user, name=name, base_url=url,
+                workspace=workspace, actor=user, name=name, base_url=url, prefix=prefix,
                 description="Started by make run: echo, add and count (with progress).", tags=["demo"],
             )
         except ValidationError as exc:
