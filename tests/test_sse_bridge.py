@@ -21,6 +21,7 @@ from external_mcp.gateway import bridge, bridge_store
 from tests import mcp_peers
 from tests.everything_peer import everything_sse
 from tests.gateway import GatewayProcess, agent, proxy_url, register
+from tests.inspector_cli import inspect
 from tests.test_proxy import wait_for
 from tests.test_sse_upstream import raw_sse_server
 from twinmcp import services as core_services
@@ -329,3 +330,16 @@ def test_the_typescript_everything_server_over_http_sse_through_both_endpoints(a
     assert names == ["echo", "get-sum"]  # the other tools wait for approval: not shown
     assert echoed.content[0].text == "Echo: ts"
     assert "5" in summed.content[0].text
+
+
+def test_mcp_inspector_v2_lists_and_calls_an_sse_servers_tools_through_the_bridge(admin, flag_on, gateway):
+    with mcp_peers.sse_peer() as peer:
+        server = register(admin, peer, name="legacy")
+        listed = inspect(proxy_url(gateway, server), admin.raw_key, "--method", "tools/list")
+        called = inspect(proxy_url(gateway, server), admin.raw_key, "--method", "tools/call", "--tool-name", "echo",
+                         "--tool-arg", "text=inspected")
+        via_workspace = inspect(f"{gateway.base}{WORKSPACE}", admin.raw_key, "--method", "tools/call",
+                                "--tool-name", "legacy__echo", "--tool-arg", "text=aggregated")
+    assert {"echo", "count"} <= {tool["name"] for tool in listed["tools"]}, listed
+    assert called["content"][0]["text"] == "inspected", called
+    assert via_workspace["content"][0]["text"] == "aggregated", via_workspace
