@@ -1,7 +1,7 @@
 """MCP Inspector v2's CLI, the official debugging client, as an agent pointed at the gateway.
 
-Installed once with npm from the npm registry into ``.cache/inspector`` (ignored by git); it needs
-Node >= 22.19, which the conformance installer (``.ci/conformance.sh``) provides.
+Installed once into ``.cache/inspector`` (``npm_cache``); it needs Node >= 22.19, which the
+conformance installer (``.ci/conformance.sh``) provides.
 """
 
 from __future__ import annotations
@@ -9,18 +9,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from tests import npm_cache
 from tests.conformance.runner import ensure_cli
 
-ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "@modelcontextprotocol/inspector@2.12.0"
-DIR = ROOT / ".cache" / "inspector"
-CLI = DIR / "node_modules" / "@modelcontextprotocol" / "inspector" / "clients" / "cli" / "build" / "index.js"
+CLI = "node_modules/@modelcontextprotocol/inspector/clients/cli/build/index.js"
 
 
 def _node22() -> str:
@@ -31,22 +29,9 @@ def _node22() -> str:
     return found.group(1)
 
 
-def _ensure_installed() -> Path:
-    if CLI.is_file():
-        return CLI
-    npm = shutil.which("npm")
-    if npm is None:
-        raise RuntimeError("npm is not installed: the Inspector test needs Node and npm")
-    DIR.mkdir(parents=True, exist_ok=True)
-    (DIR / ".gitignore").write_text("*\n")
-    subprocess.run([npm, "install", "--prefix", str(DIR), "--no-audit", "--no-fund", "--no-save", PACKAGE],
-                   check=True, capture_output=True, timeout=900)
-    return CLI
-
-
 def inspect(url: str, key: str, *args: str) -> Any:
     """One Inspector CLI command against ``url`` (Streamable HTTP) with a TwinMCP key; its JSON output."""
-    cli, node = _ensure_installed(), _node22()
+    cli, node = npm_cache.installed("inspector", PACKAGE, CLI), _node22()
     with tempfile.TemporaryDirectory() as home:
         env = {**os.environ, "HOME": home, "MCP_CATALOG_PATH": str(Path(home) / "mcp.json")}
         done = subprocess.run([node, str(cli), "--transport", "http", "--server-url", url,
