@@ -27,9 +27,9 @@ def test_a_tiny_benchmark_run_drives_every_path_and_counts_every_log_line(tmp_pa
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     (row,) = json.loads(out.read_text())
     assert row["concurrency"] == 2 and set(row["machine"]) == {"seconds", "ours_cores", "other_cores", "steal_cores"}
-    for name in ("direct", "floor", "gateway", "workspace", "oauth"):
+    for name in ("direct", "floor", "gateway", "workspace", "oauth", "sse"):
         assert (row[name]["n"], row[name]["errors"]) == (40, 0), (name, row[name])
-    for name in ("gateway", "workspace", "oauth"):
+    for name in ("gateway", "workspace", "oauth", "sse"):
         assert row[name]["log_lines"] == 40
         assert {"auth", "quota", "upstream", "relay", "record"} <= set(row[name]["stages_p50"])
     assert "route" in row["workspace"]["stages_p50"]

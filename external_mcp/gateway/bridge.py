@@ -234,7 +234,9 @@ async def forward(call: Call, headers: dict[bytes, bytes]) -> aiohttp.ClientResp
     """The upstream's response to the agent's request, over the transport the server speaks."""
     assert call.server is not None
     if call.server.legacy_sse:
-        return await send(call, headers)
+        response = await send(call, headers)
+        call.lap("upstream")  # the message posted and acknowledged; its answer is read by the relay
+        return response
     return await transport.send(call, headers)
 
 

@@ -43,6 +43,7 @@ from tests.bench import machine, tools_list_bench
 
 ROOT = Path(__file__).resolve().parents[2]
 MODERN = "2026-07-28"
+HANDSHAKE = "2025-06-18"
 
 
 def free_port() -> int:
@@ -62,28 +63,54 @@ def wait_port(port: int, timeout: float = 30) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def body(i: int, tool: str = "echo") -> bytes:
-    return json.dumps({
-        "jsonrpc": "2.0", "id": i, "method": "tools/call",
-        "params": {"name": tool, "arguments": {"text": "hello"},
-                   "_meta": {"io.modelcontextprotocol/protocolVersion": MODERN,
-                             "io.modelcontextprotocol/clientInfo": {"name": "bench", "version": "1"},
-                             "io.modelcontextprotocol/clientCapabilities": {}}},
-    }).encode()
+def body(i: int, tool: str = "echo", *, modern: bool = True) -> bytes:
+    params: dict = {"name": tool, "arguments": {"text": "hello"}}
+    if modern:
+        params["_meta"] = {"io.modelcontextprotocol/protocolVersion": MODERN,
+                           "io.modelcontextprotocol/clientInfo": {"name": "bench", "version": "1"},
+                           "io.modelcontextprotocol/clientCapabilities": {}}
+    return json.dumps({"jsonrpc": "2.0", "id": i, "method": "tools/call", "params": params}).encode()
+
+
+async def open_sessions(session: aiohttp.ClientSession, url: str, headers: dict[str, str], n: int) -> list[str]:
+    """``n`` handshake-era agent sessions (one per concurrent client of a path that needs them)."""
+    opened = []
+    for _ in range(n):
+        initialize = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": HANDSHAKE, "capabilities": {}, "clientInfo": {"name": "bench", "version": "1"}}}
+        async with session.post(url, json=initialize, headers=headers) as response:
+            await response.read()
+            if response.status != 200:
+                raise SystemExit(f"initialize through {url}: HTTP {response.status}")
+            sid = response.headers["Mcp-Session-Id"]
+        async with session.post(url, json={"jsonrpc": "2.0", "method": "notifications/initialized"},
+                                headers={**headers, "Mcp-Session-Id": sid}) as response:
+            await response.read()
+        opened.append(sid)
+    return opened
+
+
+async def close_sessions(session: aiohttp.ClientSession, url: str, headers: dict[str, str], sids: list[str]) -> None:
+    for sid in sids:
+        async with session.delete(url, headers={**headers, "Mcp-Session-Id": sid}) as response:
+            await response.read()
 
 
 async def drive(session: aiohttp.ClientSession, url: str, headers: dict[str, str], concurrency: int,
-                total: int, tool: str = "echo") -> dict:
-    """``total`` requests from ``concurrency`` clients: raw latencies, elapsed time, errors by kind."""
+                total: int, tool: str = "echo", agent_sessions: list[str] | None = None) -> dict:
+    """``total`` requests from ``concurrency`` clients: raw latencies, elapsed time, errors by kind.
+    With ``agent_sessions``, client k is a handshake-era agent in session k."""
     latencies: list[float] = []
     errors: collections.Counter[str] = collections.Counter()
     counter = iter(range(total))
 
-    async def worker() -> None:
+    async def worker(k: int) -> None:
+        sent = {**headers, "Mcp-Session-Id": agent_sessions[k]} if agent_sessions else headers
         for i in counter:
             started = time.perf_counter()
             try:
-                async with session.post(url, data=body(i, tool), headers=headers) as response:
+                async with session.post(url, data=body(i, tool, modern=not agent_sessions),
+                                        headers=sent) as response:
                     payload = await response.read()
                     if response.status != 200:
                         errors[f"HTTP {response.status}"] += 1
@@ -94,7 +121,7 @@ async def drive(session: aiohttp.ClientSession, url: str, headers: dict[str, str
             latencies.append((time.perf_counter() - started) * 1000)
 
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(k) for k in range(concurrency)))
     return {"latencies": latencies, "elapsed": time.perf_counter() - started, "errors": sum(errors.values()),
             "error_kinds": dict(errors)}
 
@@ -120,6 +147,8 @@ class Target:
     pids: tuple[int, ...] = ()
     log_key: tuple[str, str] | None = None
     """The ``endpoint`` and ``server`` of its requests' log lines (gateway paths only)."""
+    handshake: bool = False
+    """Each client is a handshake-era agent with a session (the HTTP+SSE bridge needs one)."""
 
 
 class GatewayLog:
@@ -175,8 +204,10 @@ async def measure(paths: dict[str, Target], level: int, total: int, rounds: int,
         # others' turns, and reusing a connection the server is closing would count as its error.
         sessions = {name: await stack.enter_async_context(aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=level, keepalive_timeout=3))) for name in paths}
+        agents = {name: await open_sessions(sessions[name], path.url, path.headers, level)
+                  for name, path in paths.items() if path.handshake}
         for name, path in paths.items():  # open the connections, fill the caches
-            await drive(sessions[name], path.url, path.headers, level, 2 * level, path.tool)
+            await drive(sessions[name], path.url, path.headers, level, 2 * level, path.tool, agents.get(name))
         log.new_lines()
         load = machine.Load(ours=others)
         order = list(paths)
@@ -186,7 +217,8 @@ async def measure(paths: dict[str, Target], level: int, total: int, rounds: int,
                 path = paths[name]
                 before = machine.cpu_seconds(list(path.pids))
                 before_groups = {group: machine.cpu_seconds(pids) for group, pids in groups.items()}
-                run = await drive(sessions[name], path.url, path.headers, level, per_round, path.tool)
+                run = await drive(sessions[name], path.url, path.headers, level, per_round, path.tool,
+                                  agents.get(name))
                 run["cpu"] = machine.cpu_seconds(list(path.pids)) - before
                 run["by_process"] = {group: machine.cpu_seconds(pids) - before_groups[group]
                                      for group, pids in groups.items()}
@@ -195,6 +227,8 @@ async def measure(paths: dict[str, Target], level: int, total: int, rounds: int,
         machine_load = load.result()
         await asyncio.sleep(0.5)  # a request's line is written just after its last byte
         read_log()
+        for name, sids in agents.items():
+            await close_sessions(sessions[name], paths[name].url, paths[name].headers, sids)
     row: dict = {"concurrency": level, "machine": machine_load, "busy": machine.is_busy(machine_load)}
     for name, path in paths.items():
         latencies = [x for run in runs[name] for x in run["latencies"]]
@@ -225,10 +259,10 @@ async def measure(paths: dict[str, Target], level: int, total: int, rounds: int,
     return row
 
 
-def setup_gateway_data(upstream_url: str) -> tuple[str, str, str, str]:
+def setup_gateway_data(upstream_url: str, sse_url: str) -> tuple[str, str, str, str, str]:
     """Create a workspace, a free-plan user with a key, and the approved upstream twice (without
-    auth, and as an ``oauth2`` server with a connected account). Returns the servers' ids, the raw
-    key and the echo tool's name on the workspace endpoint."""
+    auth, and as an ``oauth2`` server with a connected account), and the HTTP+SSE upstream. Returns
+    the servers' ids, the raw key and the echo tool's name on the workspace endpoint."""
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "twinmcp.settings")
     import django
 
@@ -262,12 +296,19 @@ def setup_gateway_data(upstream_url: str) -> tuple[str, str, str, str]:
     if not result.ok:
         raise SystemExit(f"upstream check (oauth) failed: {result.error_message}")
     catalog.tools_approve(server=oauth, actor=user, select_all=True)
-    return str(server.pk), str(oauth.pk), raw, exposed
+    legacy = services.server_create(workspace=workspace, actor=user, name="bench-sse", base_url=sse_url)
+    result, legacy = health.check_now(legacy)
+    if not result.ok or legacy.transport_found != "sse":
+        raise SystemExit(f"upstream check (HTTP+SSE) failed: {result.error_message}")
+    catalog.tools_approve(server=legacy, actor=user, select_all=True)
+    return str(server.pk), str(oauth.pk), str(legacy.pk), raw, exposed
 
 
 TARGETS = "gateway CPU <= 1.0 ms at C = 16; added p50 <= 1.5 ms at C = 1; >= 70% of direct req/s at C = 16; " \
           "0 errors at C = 64; workspace and oauth within 10% of those"
-GATEWAY_PATHS = ("gateway", "workspace", "oauth")
+GATEWAY_PATHS = ("gateway", "workspace", "oauth", "sse")
+TARGET_PATHS = ("gateway", "workspace", "oauth")
+"""The paths issue [5/7]'s targets apply to; ``sse`` (the HTTP+SSE bridge) is measured beside them."""
 
 
 def main() -> None:
@@ -279,7 +320,7 @@ def main() -> None:
     parser.add_argument("--log-level", default="INFO", help="the gateway's LOG_LEVEL (INFO: one JSON line a call)")
     parser.add_argument("--stage-timers", action="store_true", help="EXTERNAL_MCP_STAGE_TIMERS on; p50 per stage")
     parser.add_argument("--profile", help="py-spy the gateway during each level; raw stacks in this directory")
-    parser.add_argument("--paths", default="direct,floor,gateway,workspace,oauth",
+    parser.add_argument("--paths", default="direct,floor,gateway,workspace,oauth,sse",
                         help="which paths to drive (direct and floor are the baselines of the ratios)")
     parser.add_argument("--pin", action="store_true",
                         help="gateway on the upper half of the cores, load generator and upstreams on the lower")
@@ -301,19 +342,23 @@ def main() -> None:
     if pins is not None:
         os.sched_setaffinity(0, pins[1])  # this process and the upstreams it starts
     work = Path(tempfile.mkdtemp(prefix="twinmcp-bench-"))
-    up_port, floor_port, gw_port = free_port(), free_port(), free_port()
+    up_port, sse_port, floor_port, gw_port = free_port(), free_port(), free_port(), free_port()
     procs: list[subprocess.Popen[bytes]] = []
     recorder = tools_list_bench.Recorder()
     try:
         procs.append(subprocess.Popen([sys.executable, "-m", "tests.bench.upstream", "--port", str(up_port)],
                                       cwd=ROOT, env=env, start_new_session=True))
+        procs.append(subprocess.Popen([sys.executable, "-m", "tests.bench.upstream", "--port", str(sse_port),
+                                       "--sse"], cwd=ROOT, env=env, start_new_session=True))
         wait_port(up_port)
+        wait_port(sse_port)
         upstream_url = f"http://127.0.0.1:{up_port}/mcp"
         floor = subprocess.Popen([sys.executable, "-m", "tests.bench.floor", "--port", str(floor_port),
                                   "--upstream", upstream_url], cwd=ROOT, env=env, start_new_session=True)
         procs.append(floor)
         wait_port(floor_port)
-        server_id, oauth_id, key, exposed = setup_gateway_data(upstream_url)
+        server_id, oauth_id, sse_id, key, exposed = setup_gateway_data(upstream_url,
+                                                                       f"http://127.0.0.1:{sse_port}/sse")
         list_key, list_tools, list_workspace = "", 0, None
         if args.list_requests > 0:
             list_key, list_tools, list_workspace = tools_list_bench.setup_listing_data(
@@ -337,6 +382,10 @@ def main() -> None:
             "workspace": Target(f"{gateway_url}/mcp", exposed, {**with_key, "Mcp-Name": exposed}, (),
                                 ("workspace", server_id)),
             "oauth": Target(f"{gateway_url}/{oauth_id}/mcp", "echo", with_key, (), ("server", oauth_id)),
+            "sse": Target(f"{gateway_url}/{sse_id}/mcp", "echo",
+                          {"Content-Type": "application/json", "Accept": headers["Accept"],
+                           "Authorization": f"Bearer {key}", "MCP-Protocol-Version": HANDSHAKE}, (),
+                          ("server", sse_id), handshake=True),
         }
         paths = {name: target for name, target in paths.items() if name in args.paths.split(",")}
         ours = [os.getpid(), *machine.service_pids(), *(proc.pid for proc in procs)]
@@ -346,7 +395,9 @@ def main() -> None:
         gw_pids = tuple(machine.family(gateway.pid))
         paths = {name: dataclasses.replace(target, pids=gw_pids) if target.log_key else target
                  for name, target in paths.items()}
-        groups = {"upstream": machine.family(procs[0].pid), "load generator": [os.getpid()],
+        # Both upstreams: one path runs at a time, so the sum is the CPU of the one being driven.
+        groups = {"upstream": [*machine.family(procs[0].pid), *machine.family(procs[1].pid)],
+                  "load generator": [os.getpid()],
                   "PostgreSQL + Redis": [pid for root in machine.service_pids() for pid in machine.family(root)]}
         rows = []
         for level in (int(x) for x in args.levels.split(",")):
@@ -433,7 +484,8 @@ def print_table(rows: list[dict], exposed: str, args: argparse.Namespace) -> Non
               f"{load['other_cores']:.2f}, hypervisor steal {load['steal_cores']:.2f} over {load['seconds']:.0f} s "
               f"-> {state}")
     print(f"gateway = per-server endpoint (tool echo); workspace = /api/v1/external-mcp/mcp (tool {exposed}); "
-          "oauth = per-server endpoint of an oauth2 server, token from the cache; floor = bare ASGI + aiohttp "
+          "oauth = per-server endpoint of an oauth2 server, token from the cache; sse = per-server endpoint of an "
+          "HTTP+SSE server through the bridge, one agent session per client; floor = bare ASGI + aiohttp "
           "pass-through (tests/bench/floor.py).")
     driven = [name for name in GATEWAY_PATHS if name in rows[0]]
     sent = {name: sum(row[name]["n"] for row in rows) for name in driven}
@@ -459,7 +511,7 @@ def print_targets(rows: list[dict]) -> None:
     """Each target against the median of the rounds; workspace and oauth within 10%."""
     by_level = {row["concurrency"]: row for row in rows}
     checks: list[tuple[str, str, float, float, bool]] = []
-    for name in (name for name in GATEWAY_PATHS if name in rows[0]):
+    for name in (name for name in TARGET_PATHS if name in rows[0]):
         slack = 1.0 if name == "gateway" else 1.1
         if "direct" not in rows[0]:
             continue
