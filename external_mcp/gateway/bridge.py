@@ -5,11 +5,11 @@ Agents always speak Streamable HTTP to TwinMCP. For a server on the old transpor
 owner: it reads every message the upstream sends and routes it (``bridge_store``) to whoever
 waits for it, on any worker. The agent's session id is TwinMCP's, signed for its key and server.
 Each later POST is sent by the worker that receives it to the upstream's message endpoint, and
-the answer to it is what the owner routes back: the responses to its requests, with the progress
-notifications naming their tokens and the other notifications that arrive meanwhile, as one event
-stream. Requests the upstream sends the agent (sampling, elicitation, roots) go the same way (or,
-with no POST in flight, wait for the agent's GET stream), or are refused at once if the agent did
-not declare the capability.
+the answer to it is what the owner routes back (in memory when that worker is the owner): the
+responses to its requests, with the progress notifications naming their tokens and the other
+notifications that arrive meanwhile, as one event stream. Requests the upstream sends the agent
+(sampling, elicitation, roots) go the same way (or, with no POST in flight, wait for the agent's
+GET stream), or are refused at once if the agent did not declare the capability.
 
 What comes back looks to the rest of the pipeline like an upstream's response
 (``BridgedResponse``), so screening, pinning, the quota, usage events and logging apply unchanged.
@@ -75,6 +75,17 @@ class Held:
     capabilities: dict[str, Any]
     scopes: list[str]
     task: asyncio.Task[None] | None = field(default=None, repr=False)
+    boxes: dict[str, asyncio.Queue[bytes]] = field(default_factory=dict, repr=False)
+    """The boxes of requests waiting in this worker, oldest first: their answers skip the store."""
+    requests: dict[str, str] = field(default_factory=dict, repr=False)
+    tokens: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def box_of(self, *, request: str | None = None, token: str | None = None) -> str | None:
+        """As ``bridge_store``'s, among this worker's waiting requests."""
+        if request is not None:
+            return self.requests.get(request)
+        found = self.tokens.get(token) if token is not None else None
+        return found or next(iter(self.boxes), None)
 
 
 _held: dict[str, Held] = {}
@@ -115,6 +126,8 @@ async def _hold(held: Held) -> None:
 
 
 async def _gone(held: Held) -> None:
+    for queue in held.boxes.values():
+        queue.put_nowait(GONE)
     store = bridge_store.store()
     await store.closed(held.sid, held.scopes)
     for box in [*await store.boxes(held.sid), listening_box(held.sid)]:
@@ -149,17 +162,21 @@ async def _route(held: Held, message: Any) -> None:
                 await _post(held.server, held.endpoint, dumps(refusal), random_hex())
             return
         # On the stream of the POST in flight (where SDK clients look for it), else the GET stream's.
-        box: str | None = await store.box_of(held.sid) or listening_box(held.sid)
+        box: str | None = held.box_of() or await store.box_of(held.sid) or listening_box(held.sid)
     elif isinstance(method, str):
         params = message.get("params")
         token = params.get("progressToken") if isinstance(params, dict) else None
-        box = await store.box_of(held.sid, token=id_key(token) if token is not None else None)
-        box = box or listening_box(held.sid)
+        key = id_key(token) if token is not None else None
+        box = (held.box_of(token=key) or await store.box_of(held.sid, token=key)
+               or listening_box(held.sid))
     elif "id" in message:
-        box = await store.box_of(held.sid, request=id_key(message["id"]))
+        key = id_key(message["id"])
+        box = held.box_of(request=key) or await store.box_of(held.sid, request=key)
     else:
         return
-    if box is not None:
+    if box in held.boxes:
+        held.boxes[box].put_nowait(dumps(message))
+    elif box is not None:
         await store.deliver(box, dumps(message))
 
 
@@ -285,17 +302,17 @@ async def post(call: Call, session_id: str, *, new: bool = False) -> BridgedResp
     tokens = [id_key(token) for m in requests if (token := _progress_token(m)) is not None]
     box = random_hex()
     if ids:
-        await _store(store.expect(session_id, box, ids, tokens))
+        await _expect(session_id, box, ids, tokens)
     try:
         status = await _post(server, record["endpoint"], call.body, call.request_id)
         if status == 404:
+            await _settle(session_id, box, ids, tokens)
             await session_close(session_id)
             return _ended("the upstream no longer knows it")
         if status >= 400:
             raise upstream_error(server, 502, -32022, f"the upstream refused the message (HTTP {status}).", "http")
     except BaseException:
-        with contextlib.suppress(StoreDown):
-            await store.settle(session_id, box, ids, tokens)
+        await _settle(session_id, box, ids, tokens)
         raise
     if not ids:
         return BridgedResponse(202)
@@ -326,10 +343,9 @@ async def open_upstream(call: Call, server: ServerInfo, initialize: dict[str, An
 
 async def request(server: ServerInfo, session_id: str, message: dict[str, Any], request_id: str) -> dict[str, Any]:
     """One request of TwinMCP's own and its response (the notifications before it are not kept)."""
-    store = bridge_store.store()
     endpoint = await _endpoint(server, session_id)
     key, box = id_key(message["id"]), random_hex()
-    await _store(store.expect(session_id, box, [key], []))
+    await _expect(session_id, box, [key], [])
     try:
         status = await _post(server, endpoint, dumps(message), request_id)
         if status >= 400:
@@ -342,8 +358,7 @@ async def request(server: ServerInfo, session_id: str, message: dict[str, Any], 
     except TimeoutError:
         raise timed_out(server, settings.EXTERNAL_MCP_PROXY_TIMEOUT_MS / 1000) from None
     finally:
-        with contextlib.suppress(StoreDown):
-            await store.settle(session_id, box, [key], [])
+        await _settle(session_id, box, [key], [])
     raise upstream_error(server, 502, -32023, "the upstream's HTTP+SSE session ended before its response.",
                          "unanswered")
 
@@ -403,8 +418,7 @@ async def _collect(content: BridgedContent, session_id: str, box: str, ids: list
                 if not waiting:
                     return
     finally:
-        with contextlib.suppress(StoreDown):
-            await bridge_store.store().settle(session_id, box, ids, tokens)
+        await _settle(session_id, box, ids, tokens)
 
 
 async def _listen(content: BridgedContent, session_id: str) -> None:
@@ -413,8 +427,38 @@ async def _listen(content: BridgedContent, session_id: str) -> None:
         content.put(_event(data))
 
 
+async def _expect(session_id: str, box: str, ids: list[str], tokens: list[str]) -> None:
+    """Where the answers to these requests go: a box in this worker's memory when it holds the
+    stream (always, with one worker), else one in the store for the owner to fill."""
+    held = _held.get(session_id)
+    if held is None:
+        await _store(bridge_store.store().expect(session_id, box, ids, tokens))
+        return
+    held.boxes[box] = asyncio.Queue()
+    held.requests.update(dict.fromkeys(ids, box))
+    held.tokens.update(dict.fromkeys(tokens, box))
+
+
+async def _settle(session_id: str, box: str, ids: list[str], tokens: list[str]) -> None:
+    held = _held.get(session_id)
+    if held is not None and held.boxes.pop(box, None) is not None:
+        for key in ids:
+            held.requests.pop(key, None)
+        for key in tokens:
+            held.tokens.pop(key, None)
+        return
+    with contextlib.suppress(StoreDown):
+        await bridge_store.store().settle(session_id, box, ids, tokens)
+
+
 async def _wait(session_id: str, box: str) -> AsyncIterator[bytes]:
     """What arrives in a box, until the session ends (its owner gone, the stream closed)."""
+    held = _held.get(session_id)
+    queue = held.boxes.get(box) if held is not None else None
+    if queue is not None:  # filled by the owner in this worker, which puts GONE when it ends
+        while (data := await queue.get()) != GONE:
+            yield data
+        return
     store = bridge_store.store()
     while True:
         data = await _store(store.take(box, bridge_store.TAKE_SECONDS))
