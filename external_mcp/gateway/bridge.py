@@ -33,7 +33,7 @@ from django.conf import settings
 
 from external_mcp import legacy_sse, urlpolicy
 from external_mcp.gateway import bridge_store, sessions, transport
-from external_mcp.gateway.bridge_store import GONE, StoreDown, listening_box
+from external_mcp.gateway.bridge_store import GONE, listening_box
 from external_mcp.gateway.bridged import BridgedContent, BridgedResponse
 from external_mcp.gateway.call import Call
 from external_mcp.gateway.errors import (
@@ -44,6 +44,7 @@ from external_mcp.gateway.errors import (
     timed_out,
     upstream_error,
 )
+from external_mcp.gateway.sessions import StoreDown
 from external_mcp.jsonrpc import dumps, error_body, error_response, id_key, is_request, parse_json
 from external_mcp.proxy_cache import ServerInfo
 from twinmcp.ids import random_hex
@@ -199,41 +200,42 @@ async def open_stream(call: Call, server: ServerInfo, capabilities: Any) -> str:
             server.url, headers=headers, ssl=server.ssl, allow_redirects=False,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=min(10.0, timeout_s), sock_read=None))
     stream = legacy_sse.EventStream(response, max_event_bytes=settings.EXTERNAL_MCP_MAX_RESPONSE_BYTES)
-    try:
-        kind = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        if response.status in (401, 403):
-            raise credentials_refused(server, response.status)
-        if response.status != 200 or kind != EVENT_STREAM:
-            raise upstream_error(server, 502, -32018, f"the upstream did not open an HTTP+SSE event stream (HTTP "
-                                 f"{response.status}, {kind or 'no content type'}).", "protocol")
-        async with asyncio.timeout(timeout_s):
-            endpoint = await stream.endpoint(server.base_url)
-        urlpolicy.validate_url(endpoint, resolve=False)
-    except legacy_sse.StreamBroken as exc:
-        stream.close()
-        raise invalid_answer(server, str(exc)) from None
-    except urlpolicy.UrlPolicyError as exc:
-        stream.close()
-        raise upstream_error(server, 502, -32012, "the upstream's message endpoint is refused by the URL policy.",
-                             "policy", detail=str(exc)) from None
-    except TimeoutError:
-        stream.close()
-        raise timed_out(server, timeout_s) from None
-    except BaseException:
-        stream.close()
-        raise
     sid = sessions.issue(call.key.key_id, _signed_scope(server))
-    held = Held(sid=sid, server=server, stream=stream, endpoint=endpoint,
-                capabilities=capabilities if isinstance(capabilities, dict) else {}, scopes=scopes)
-    try:
+    try:  # until the stream is held, any failure closes it
+        endpoint = await _endpoint_of(server, stream, response)
         await _store(store.create(sid, {"server": str(server.id), "endpoint": endpoint}))
         await _store(store.beat(sid, scopes))
     except BaseException:
         stream.close()
         raise
+    held = Held(sid=sid, server=server, stream=stream, endpoint=endpoint,
+                capabilities=capabilities if isinstance(capabilities, dict) else {}, scopes=scopes)
     held.task = asyncio.ensure_future(_hold(held))
     _held[sid] = held
     return sid
+
+
+async def _endpoint_of(server: ServerInfo, stream: legacy_sse.EventStream, response: aiohttp.ClientResponse) -> str:
+    """The message endpoint the just opened stream names, or the ProxyError saying why there is none."""
+    kind = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    if response.status in (401, 403):
+        raise credentials_refused(server, response.status)
+    if response.status != 200 or kind != EVENT_STREAM:
+        raise upstream_error(server, 502, -32018, f"the upstream did not open an HTTP+SSE event stream (HTTP "
+                             f"{response.status}, {kind or 'no content type'}).", "protocol")
+    timeout_s = settings.EXTERNAL_MCP_PROXY_TIMEOUT_MS / 1000
+    try:
+        async with asyncio.timeout(timeout_s):
+            endpoint = await stream.endpoint(server.base_url)
+        urlpolicy.validate_url(endpoint, resolve=False)
+    except legacy_sse.StreamBroken as exc:
+        raise invalid_answer(server, str(exc)) from None
+    except urlpolicy.UrlPolicyError as exc:
+        raise upstream_error(server, 502, -32012, "the upstream's message endpoint is refused by the URL policy.",
+                             "policy", detail=str(exc)) from None
+    except TimeoutError:
+        raise timed_out(server, timeout_s) from None
+    return endpoint
 
 
 async def close_all() -> None:

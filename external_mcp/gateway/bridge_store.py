@@ -18,12 +18,10 @@ import asyncio
 import contextlib
 import time
 from collections import defaultdict
-from typing import Any
 
 from django.conf import settings
 
 from external_mcp.gateway.sessions import PerLoopRedis
-from usage.quota_redis import REDIS_ERRORS
 
 PREFIX = "twinmcp:sse-bridge:"
 ALIVE_SECONDS = 15
@@ -43,10 +41,6 @@ def listening_box(sid: str) -> str:
     return f"{sid}:get"
 
 
-class StoreDown(Exception):
-    """The store cannot be reached: a bridged request cannot be served."""
-
-
 def _idle() -> int:
     return settings.EXTERNAL_MCP_SESSION_IDLE_SECONDS
 
@@ -54,12 +48,6 @@ def _idle() -> int:
 class RedisBridgeStore(PerLoopRedis):
     socket_timeout = TAKE_SECONDS + 3
     """Above a box's BLPOP timeout, which blocks by design; a Redis that stops answering is still caught."""
-
-    async def _run(self, operation: Any) -> Any:
-        try:
-            return await operation
-        except REDIS_ERRORS as exc:
-            raise StoreDown(str(exc)) from None
 
     async def create(self, sid: str, record: dict[str, str]) -> None:
         pipe = self._client().pipeline(transaction=True)

@@ -23,8 +23,9 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio
 from django.conf import settings
@@ -38,10 +39,12 @@ IDLE_INDEX = "twinmcp:mcp-sessions"
 _SWEEP_BATCH = 100
 # The record outlives its idle limit by this much, so the sweeper still finds what to close.
 _GRACE_SECONDS = 600
+T = TypeVar("T")
 
 
 class StoreDown(Exception):
-    """The session store cannot be reached: the request goes on without stored upstream sessions."""
+    """A session store (this module's, or the HTTP+SSE bridge's) cannot be reached. Here the request
+    goes on without stored upstream sessions; a bridged request cannot be served."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,13 @@ class PerLoopRedis:
             client = self._clients[loop] = redis.asyncio.Redis.from_url(
                 self.url, socket_timeout=self.socket_timeout, socket_connect_timeout=1)
         return client
+
+    async def _run(self, operation: Awaitable[T]) -> T:
+        """``operation``'s result; Redis's failures as ``StoreDown``."""
+        try:
+            return await operation
+        except REDIS_ERRORS as exc:
+            raise StoreDown(str(exc)) from None
 
 
 class RedisStore(PerLoopRedis):
