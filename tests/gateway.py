@@ -57,6 +57,17 @@ async def agent(url: str, key: str, *, mode: str = "legacy", **client_kwargs: An
         yield client
 
 
+async def count_with_progress(client: Client, tool: str, n: int) -> tuple[Any, list[float]]:
+    """The result of counting to ``n`` with ``tool`` (the peers' ``count``) and the progress values
+    the agent received for it, in order."""
+    progress: list[float] = []
+
+    async def on_progress(value: float, total: float | None, message: str | None) -> None:
+        progress.append(value)
+
+    return await client.call_tool(tool, {"n": n}, progress_callback=on_progress), progress
+
+
 def close_gateway_connections() -> None:
     """The gateway's worker threads keep database connections open; end them so the test
     database can be dropped at the end of the session."""

@@ -15,7 +15,7 @@ import redis as redis_lib
 from external_mcp import catalog, health, services
 from external_mcp.models import ExternalMcpServer
 from tests import mcp_peers
-from tests.gateway import agent, proxy_url, register
+from tests.gateway import agent, count_with_progress, proxy_url, register
 from twinmcp import services as core_services
 from twinmcp.jsonlog import JsonFormatter
 from usage.models import UsageEvent
@@ -57,19 +57,15 @@ def test_sdk_client_lists_calls_and_gets_progress_through_the_proxy(admin, flag_
     with mcp_peers.default_peer() as peer:
         server = register(admin, peer, approve=False)
         catalog.tools_approve(server=server, actor=admin.user, names=["echo", "count"])
-        progress: list[float] = []
 
         async def scenario():
-            async def on_progress(value, total, message):
-                progress.append(value)
-
             async with agent(proxy_url(gateway, server), admin.raw_key, mode=mode) as client:
                 tools = await client.list_tools()
                 echoed = await client.call_tool("echo", {"text": "hi"})
-                counted = await client.call_tool("count", {"n": 3}, progress_callback=on_progress)
-                return sorted(t.name for t in tools.tools), echoed, counted
+                counted, progress = await count_with_progress(client, "count", 3)
+                return sorted(t.name for t in tools.tools), echoed, counted, progress
 
-        names, echoed, counted = asyncio.run(scenario())
+        names, echoed, counted, progress = asyncio.run(scenario())
         upstream_auth = [r.headers.get("authorization") for r in peer.requests]
     assert names == ["count", "echo"]  # add is not approved: filtered out
     assert echoed.content[0].text == "hi"

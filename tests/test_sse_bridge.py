@@ -20,7 +20,7 @@ from external_mcp import catalog, demo_upstream, health, services
 from external_mcp.gateway import bridge, bridge_store
 from tests import mcp_peers
 from tests.everything_peer import everything_sse
-from tests.gateway import GatewayProcess, agent, proxy_url, register
+from tests.gateway import GatewayProcess, agent, count_with_progress, proxy_url, register
 from tests.inspector_cli import inspect
 from tests.test_proxy import wait_for
 from tests.test_sse_upstream import raw_sse_server
@@ -53,21 +53,17 @@ def test_an_sdk_client_calls_an_sse_server_through_both_endpoints(admin, flag_on
     initialize there); the workspace endpoint serves a 2026-07-28 agent too, through its own session."""
     with mcp_peers.sse_peer() as peer:
         server = register(admin, peer, name="legacy")
-        progress: list[float] = []
 
         async def scenario():
-            async def on_progress(value, total, message):
-                progress.append(value)
-
             async with agent(proxy_url(gateway, server), admin.raw_key, mode=mode) as client:
                 tools = await client.list_tools()
                 echoed = await client.call_tool("echo", {"text": "hi"})
-                counted = await client.call_tool("count", {"n": 3}, progress_callback=on_progress)
+                counted, progress = await count_with_progress(client, "count", 3)
             async with agent(f"{gateway.base}{WORKSPACE}", admin.raw_key, mode=workspace_mode) as client:
                 via_workspace = await client.call_tool("legacy__echo", {"text": "all"})
-            return sorted(t.name for t in tools.tools), echoed, counted, via_workspace
+            return sorted(t.name for t in tools.tools), echoed, counted, progress, via_workspace
 
-        names, echoed, counted, via_workspace = asyncio.run(scenario())
+        names, echoed, counted, progress, via_workspace = asyncio.run(scenario())
         # An agent's DELETE closes the stream held for it; a 2026-07-28 agent has no session to
         # delete: the workspace endpoint keeps the upstream session of its key until it idles out.
         wait_for(lambda: len(bridge._held) == (0 if workspace_mode == "legacy" else 1))
@@ -222,16 +218,12 @@ def test_without_redis_one_process_bridges_from_memory(admin, flag_on, gateway, 
     settings.REDIS_URL = ""  # make run: one process, the sessions and boxes in its memory
     with mcp_peers.sse_peer() as peer:
         server = register(admin, peer, name="legacy")
-        progress: list[float] = []
 
         async def scenario():
-            async def on_progress(value, total, message):
-                progress.append(value)
-
             async with agent(proxy_url(gateway, server), admin.raw_key) as client:
-                return await client.call_tool("count", {"n": 2}, progress_callback=on_progress)
+                return await count_with_progress(client, "count", 2)
 
-        counted = asyncio.run(scenario())
+        counted, progress = asyncio.run(scenario())
         wait_for(lambda: not bridge._held)
     assert "counted to 2" in counted.content[0].text and progress == [1, 2]
     assert isinstance(bridge_store.store(), bridge_store.MemoryBridgeStore)
