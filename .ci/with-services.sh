@@ -11,6 +11,9 @@ BIN=.venv/bin
 need_install=()
 command -v redis-server >/dev/null || need_install+=(redis-server)
 ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || need_install+=(postgresql)
+# The usage export tests start their own ClickHouse (tests/clickhouse_server.py) and load files with its client.
+{ [ -x /usr/sbin/clickhouse-server ] && command -v clickhouse-client >/dev/null; } ||
+  need_install+=(clickhouse-server clickhouse-client)
 if [ ${#need_install[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "Installing ${need_install[*]} from Debian packages…"

@@ -144,6 +144,18 @@ def spare_redis(tmp_path):
     server.close()
 
 
+@pytest.fixture(scope="session")
+def clickhouse(tmp_path_factory):
+    """One private ClickHouse server for the session (see tests/clickhouse_server.py)."""
+    from tests.clickhouse_server import BINARY, ClickHouseServer
+
+    if BINARY is None:
+        pytest.fail("clickhouse-server is not installed: run the suite with `make test`.")
+    server = ClickHouseServer(tmp_path_factory.mktemp("clickhouse")).start()
+    yield server
+    server.close()
+
+
 @pytest.fixture
 def midday():
     """Quota counters are per UTC day: a test that ran across midnight would split its own counts.

@@ -220,6 +220,11 @@ CELERY_BEAT_SCHEDULE: dict[str, dict] = {
         "task": "usage.tasks.purge_usage",
         "schedule": float(config.integer("USAGE_RETENTION_EVERY_SECONDS", 86400) or 86400),
     },
+    # Usage exports: deliver each finalised day to each destination, retrying failures (usage.delivery).
+    "usage-exports": {
+        "task": "usage.tasks.deliver_usage_exports",
+        "schedule": float(config.integer("USAGE_EXPORT_EVERY_SECONDS", 300, minimum=1)),
+    },
     # Usage alerts: evaluate the enabled rules on the raw events; each breach notifies once (usage.alerts).
     "usage-alerts": {
         "task": "usage.tasks.evaluate_usage_alerts",
@@ -269,6 +274,12 @@ USAGE_FINALIZE_GRACE_SECONDS = config.integer("USAGE_FINALIZE_GRACE_SECONDS", 30
 USAGE_RETENTION_BATCH_SIZE = config.integer("USAGE_RETENTION_BATCH_SIZE", 5000) or 5000
 USAGE_QUOTA_COUNTER_KEEP_DAYS = config.integer("USAGE_QUOTA_COUNTER_KEEP_DAYS", 7)
 USAGE_MAX_RANGE_DAYS = config.integer("USAGE_MAX_RANGE_DAYS", 366) or 366
+# Usage export pipelines (usage.delivery): first retry delay (doubled per failure, capped), how long
+# a delivery may go without renewing its lease before another worker takes the day, ClickHouse timeout.
+USAGE_EXPORT_RETRY_SECONDS = config.integer("USAGE_EXPORT_RETRY_SECONDS", 60, minimum=1)
+USAGE_EXPORT_RETRY_MAX_SECONDS = config.integer("USAGE_EXPORT_RETRY_MAX_SECONDS", 3600, minimum=1)
+USAGE_EXPORT_LEASE_SECONDS = config.integer("USAGE_EXPORT_LEASE_SECONDS", 600, minimum=10)
+USAGE_EXPORT_TIMEOUT_SECONDS = config.integer("USAGE_EXPORT_TIMEOUT_SECONDS", 300, minimum=1)
 USAGE_BILLING_HOOKS = config.csv_list("USAGE_BILLING_HOOKS", ["usage.billing.BillingRecordHook"])
 
 # The proxy.

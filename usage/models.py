@@ -301,3 +301,112 @@ class AlertBreach(models.Model):
 
     def __str__(self) -> str:
         return f"rule {self.rule_id} {self.subject} at {self.window_start:%Y-%m-%d %H:%M}"
+
+
+# -- usage export pipelines -------------------------------------------------------------------------
+
+
+class DestinationKind(models.TextChoices):
+    FILES = "files", "Files: Parquet and JSON Lines per day (BigQuery, object storage)"
+    CLICKHOUSE = "clickhouse", "ClickHouse over HTTP"
+
+
+class ExportLevel(models.TextChoices):
+    DAILY = "daily", "Daily aggregates (one row per workspace, user, server and tool)"
+    EVENTS = "events", "Events (one row per proxied request)"
+
+
+class DeliveryState(models.TextChoices):
+    RUNNING = "running", "Running"
+    DELIVERED = "delivered", "Delivered"
+    FAILED = "failed", "Failed (retried with backoff)"
+    UNAVAILABLE = "unavailable", "Unavailable (the raw events were purged before delivery)"
+
+
+def _yesterday() -> date:
+    return timezone.now().date() - timedelta(days=1)
+
+
+class ExportDestinationQuerySet(models.QuerySet["ExportDestination"]):
+    def enabled(self) -> ExportDestinationQuerySet:
+        return self.filter(enabled=True)
+
+
+class ExportDestination(models.Model):
+    """Where finalised usage days go by themselves (``usage.delivery``): a directory of daily
+    partitions, or a ClickHouse table. Written only by ``usage.destinations``; the ClickHouse
+    password is encrypted with the key ring (context: the destination id) and never shown."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.SlugField(max_length=64, unique=True, help_text="Names the destination in metrics and commands.")
+    kind = models.CharField(max_length=16, choices=DestinationKind.choices)
+    level = models.CharField(max_length=16, choices=ExportLevel.choices, default=ExportLevel.DAILY)
+    pseudonymize = models.BooleanField(
+        default=True, help_text="Replace user ids with per-workspace keyed pseudonyms; drop usernames, e-mails and "
+                                "API key ids.")
+    enabled = models.BooleanField(default=True)
+    start_day = models.DateField(default=_yesterday, help_text="The first UTC day to deliver.")
+    directory = models.CharField(max_length=1024, blank=True, default="",
+                                 help_text="Files: the directory the partitions are written under.")
+    url = models.CharField(max_length=512, blank=True, default="",
+                           help_text="ClickHouse: the HTTP interface, e.g. http://127.0.0.1:8123.")
+    database = models.CharField(max_length=64, blank=True, default="twinmcp")
+    table = models.CharField(max_length=64, blank=True, default="",
+                             help_text="ClickHouse table; usage_daily or usage_events by level when empty.")
+    username = models.CharField(max_length=128, blank=True, default="")
+    password_ciphertext = models.TextField(blank=True, default="", editable=False)
+    key_id = models.CharField(max_length=16, blank=True, default="", db_index=True, editable=False)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    updated_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    objects = ExportDestinationQuerySet.as_manager()
+
+    class Meta:
+        db_table = "usage_export_destinations"
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def context(self) -> str:
+        return f"usage-export-destination:{self.pk}"
+
+
+class ExportDeliveryQuerySet(models.QuerySet["ExportDelivery"]):
+    def done(self) -> ExportDeliveryQuerySet:
+        return self.filter(state__in=[DeliveryState.DELIVERED, DeliveryState.UNAVAILABLE])
+
+
+class ExportDelivery(models.Model):
+    """What one destination received of one UTC day: the rows and checksum of the last delivery,
+    its attempts and last error. ``source_filled_at`` is the day's ``UsageDayState.filled_at``
+    when it was delivered: a day re-aggregated since is delivered again, replacing it."""
+
+    destination = models.ForeignKey(ExportDestination, on_delete=models.CASCADE, related_name="deliveries")
+    day = models.DateField()
+    state = models.CharField(max_length=16, choices=DeliveryState.choices, default=DeliveryState.RUNNING)
+    rows = models.BigIntegerField(null=True, blank=True)
+    checksum = models.CharField(max_length=64, blank=True, default="",
+                                help_text="SHA-256 of the day's rows as the JSON Lines delivered.")
+    attempts = models.PositiveIntegerField(default=0)
+    failures = models.PositiveIntegerField(default=0, help_text="Failed attempts, ever (for the metrics).")
+    last_error = models.TextField(blank=True, default="")
+    started_at = models.DateTimeField(null=True, blank=True)
+    lease_until = models.DateTimeField(null=True, blank=True,
+                                       help_text="A running delivery not renewed by then is taken as dead.")
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    source_filled_at = models.DateTimeField(null=True, blank=True)
+
+    objects = ExportDeliveryQuerySet.as_manager()
+
+    class Meta:
+        db_table = "usage_export_deliveries"
+        ordering = ["destination_id", "-day"]
+        constraints = [
+            models.UniqueConstraint(fields=["destination", "day"], name="usage_export_delivery_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.destination_id} {self.day}: {self.state}"

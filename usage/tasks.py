@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from usage import aggregation, alerts, retention
+from usage import aggregation, alerts, delivery, retention
 
 
 @shared_task(ignore_result=True)
@@ -24,3 +24,9 @@ def purge_usage() -> str:
 def evaluate_usage_alerts() -> int:
     """Every minute: notify the admins of each new breach of an enabled usage alert rule, once."""
     return alerts.alerts_evaluate()
+
+
+@shared_task(ignore_result=True)
+def deliver_usage_exports() -> list[str]:
+    """Every USAGE_EXPORT_EVERY_SECONDS: deliver each due finalised day to each export destination."""
+    return [str(result) for result in delivery.run_scheduled()]

@@ -1,0 +1,85 @@
+"""The files destination: one Hive-style partition per UTC day, in Parquet and in JSON Lines.
+
+Layout under the destination's directory (one tree per format, so a loader's wildcard or a
+dataset reader never mixes them)::
+
+    parquet/<table>/day=YYYY-MM-DD/part-0.parquet
+    jsonl/<table>/day=YYYY-MM-DD/part-0.jsonl
+
+Both files of a day are written under hidden temporary names in their partition (readers such
+as pyarrow, Spark and gsutil's wildcards skip names starting with a dot), flushed to disk, then
+renamed over the previous ones: a reader sees the old day or the new day, never a part, and
+delivering a day again replaces it. Temporary files a killed delivery left behind are removed by
+the next delivery of that day.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from usage.export_rows import DayRows
+from usage.export_schema import COLUMNS, arrow_schema
+
+PART = "part-0"
+_CAST = {"date", "timestamp"}  # arrives as ISO text, converted by Arrow
+
+
+def partition(root: Path, fmt: str, table: str, day: date) -> Path:
+    return root / fmt / table / f"day={day.isoformat()}"
+
+
+def record_batch(level: str, rows: list[dict[str, Any]]) -> pa.RecordBatch:
+    arrays = []
+    for column in COLUMNS[level]:
+        values = [row[column.name] for row in rows]
+        if column.kind in _CAST:
+            arrays.append(pa.array(values, pa.string()).cast(column.arrow))
+        else:
+            arrays.append(pa.array(values, column.arrow))
+    return pa.RecordBatch.from_arrays(arrays, schema=arrow_schema(level))
+
+
+def _fsync_dir(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+class FilesSink:
+    def __init__(self, root: Path, table: str) -> None:
+        self.root = root
+        self.table = table
+
+    def deliver(self, day: date, level: str, rows: DayRows) -> None:
+        targets = {fmt: partition(self.root, fmt, self.table, day) / f"{PART}.{fmt}" for fmt in ("parquet", "jsonl")}
+        token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        temporary = {fmt: path.with_name(f".{path.name}.{token}.tmp") for fmt, path in targets.items()}
+        for path in targets.values():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            for stale in path.parent.glob(f".{PART}.*.tmp"):
+                stale.unlink(missing_ok=True)
+        try:
+            with pq.ParquetWriter(temporary["parquet"], arrow_schema(level)) as parquet, \
+                    temporary["jsonl"].open("wb") as jsonl:
+                for batch, data in rows.batches():
+                    parquet.write_batch(record_batch(level, batch))
+                    jsonl.write(data)
+                jsonl.flush()
+                os.fsync(jsonl.fileno())
+            with temporary["parquet"].open("rb") as written:
+                os.fsync(written.fileno())
+            for fmt, path in targets.items():
+                os.replace(temporary[fmt], path)
+                _fsync_dir(path.parent)
+        finally:
+            for path in temporary.values():
+                path.unlink(missing_ok=True)
