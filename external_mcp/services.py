@@ -35,6 +35,7 @@ from external_mcp.urlpolicy import UrlPolicyError, validate_url
 from twinmcp import invalidation
 from twinmcp.api_errors import LimitReached
 from twinmcp.models import Workspace
+from usage.models import ExportDestination
 
 logger = logging.getLogger(__name__)
 
@@ -411,12 +412,13 @@ def _encrypted_fields() -> list[tuple[type[models.Model], str, Callable[[Any], s
         (OAuthClient, "registration", lambda row: row.context),
         (OAuthPending, "verifier", lambda row: row.context),
         (OAuthRevocation, "ciphertext", lambda row: row.context),
+        (ExportDestination, "password_ciphertext", lambda row: row.context),
     ]
 
 
 def credentials_reencrypt_all(*, batch_size: int = 200) -> tuple[int, int]:
     """Re-encrypt every secret made by an older key (credentials, connections, OAuth clients,
-    pending authorizations, revocations) with the first key of the ring.
+    pending authorizations, revocations, export destinations) with the first key of the ring.
 
     Returns (changed, still_old): rows that could not be decrypted stay on their old key."""
     current = crypto.current_key_id()

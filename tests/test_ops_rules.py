@@ -19,7 +19,8 @@ RULES = OPS / "prometheus-alerts.yml"
 DASHBOARD = OPS / "grafana-dashboard.json"
 RUNBOOK = ROOT / "docs" / "runbook.md"
 
-# What the product exports (external_mcp/metrics.py, external_mcp/health_metrics.py, usage/limiter.py)
+# What the product exports (external_mcp/metrics.py, external_mcp/health_metrics.py, usage/limiter.py,
+# usage/export_metrics.py)
 # plus django-prometheus's django_*.
 EXPORTED_METRICS = {
     "external_mcp_availability",
@@ -35,9 +36,13 @@ EXPORTED_METRICS = {
     "external_mcp_health_checks_total",
     "external_mcp_quota_unavailable_total",
     "external_mcp_quota_unavailable_active",
+    "external_mcp_usage_export_lag_days",
+    "external_mcp_usage_export_failing_days",
+    "external_mcp_usage_export_failures_total",
+    "external_mcp_usage_export_last_delivery_timestamp_seconds",
 }
 RUNBOOK_ANCHORS = {"external-server-down", "redis-down", "proxy-slow-or-failing", "quota-complaints",
-                   "health-checks-stopped"}
+                   "health-checks-stopped", "usage-export-behind"}
 # alert -> (severity, `for`, runbook anchor)
 EXPECTED_ALERTS = {
     "ExternalMCPHealthChecksFailing": ("critical", None, "external-server-down"),
@@ -47,6 +52,7 @@ EXPECTED_ALERTS = {
     "ExternalMCPProxyLatencyHigh": ("warning", "10m", "proxy-slow-or-failing"),
     "ExternalMCPQuotaUnavailable": ("warning", "1m", "redis-down"),
     "ExternalMCPHealthChecksStopped": ("critical", None, "health-checks-stopped"),
+    "ExternalMCPUsageExportBehind": ("warning", "30m", "usage-export-behind"),
 }
 RUNBOOK_LINK = re.compile(r"docs/runbook\.md#([\w-]+)")
 
@@ -89,12 +95,14 @@ def test_exported_metrics_list_matches_the_product():
     import external_mcp.metrics
     import usage.limiter
     from external_mcp.health_metrics import HealthFactsCollector
+    from usage.export_metrics import UsageExportCollector
 
     suffixes = {"counter": ["_total"], "gauge": [""], "histogram": ["_bucket", "_count", "_sum"]}
     exposed = set()
-    collectors = [*vars(external_mcp.metrics).values(), *vars(usage.limiter).values(), HealthFactsCollector()]
+    collectors = [*vars(external_mcp.metrics).values(), *vars(usage.limiter).values(), HealthFactsCollector(),
+                  UsageExportCollector()]
     for collector in collectors:
-        if isinstance(collector, MetricWrapperBase | HealthFactsCollector):
+        if isinstance(collector, MetricWrapperBase | HealthFactsCollector | UsageExportCollector):
             for family in collector.describe():
                 exposed.update(family.name + suffix for suffix in suffixes[family.type])
     assert exposed == EXPORTED_METRICS

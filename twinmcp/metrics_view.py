@@ -1,6 +1,6 @@
 """``/metrics``: every process's metrics (uvicorn workers, Celery) through prometheus_client's
 multiprocess mode when PROMETHEUS_MULTIPROC_DIR is set, plus the health facts read from the
-database at each scrape (``external_mcp.health_metrics``), behind a bearer token or an
+database at each scrape (``external_mcp.health_metrics``, ``usage.export_metrics``), behind a bearer token or an
 allow-listed network."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from django.http import HttpRequest, HttpResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest, multiprocess
 
 from external_mcp.health_metrics import HealthFactsCollector
+from usage.export_metrics import UsageExportCollector
 
 
 def _allowed(request: HttpRequest) -> bool:
@@ -42,4 +43,5 @@ def metrics(request: HttpRequest) -> HttpResponse:
     # Health facts come from the database at each scrape: true even when no check runs any more.
     facts = CollectorRegistry(auto_describe=False)
     facts.register(HealthFactsCollector())
+    facts.register(UsageExportCollector())
     return HttpResponse(generate_latest(registry) + generate_latest(facts), content_type=CONTENT_TYPE_LATEST)

@@ -55,29 +55,12 @@ def validate(destination: ExportDestination) -> None:
         raise ValidationError(errors)
 
 
-def destination_create(*, name: str, kind: str, password: str = "", **fields: Any) -> ExportDestination:
-    destination = ExportDestination(name=name, kind=kind, **fields)
+def destination_save(*, destination: ExportDestination, password: str | None = None) -> ExportDestination:
+    """Create or update ``destination``; ``password`` None keeps the stored one, "" removes it."""
     destination.full_clean(exclude=["password_ciphertext", "key_id"])
     validate(destination)
-    with transaction.atomic():
-        destination.save()
-        if password:
-            destination_set_password(destination=destination, password=password)
-    return destination
-
-
-def destination_update(*, destination: ExportDestination, password: str | None = None,
-                       **fields: Any) -> ExportDestination:
-    """Apply ``fields`` (see EDITABLE_FIELDS); ``password`` None keeps it, "" removes it."""
-    unknown = set(fields) - set(EDITABLE_FIELDS)
-    if unknown:
-        raise ValueError(f"not editable: {', '.join(sorted(unknown))}")
-    stored = ExportDestination.objects.get(pk=destination.pk)
-    for field, value in fields.items():
-        setattr(destination, field, value)
-    destination.full_clean(exclude=["password_ciphertext", "key_id"])
-    validate(destination)
-    reshaped = any(getattr(stored, f) != getattr(destination, f) for f in SHAPE_FIELDS)
+    stored = None if destination._state.adding else ExportDestination.objects.filter(pk=destination.pk).first()
+    reshaped = stored is not None and any(getattr(stored, f) != getattr(destination, f) for f in SHAPE_FIELDS)
     with transaction.atomic():
         destination.updated_at = timezone.now()
         destination.save()
@@ -86,6 +69,20 @@ def destination_update(*, destination: ExportDestination, password: str | None =
         if reshaped:
             destination.deliveries.all().delete()
     return destination
+
+
+def destination_create(*, password: str = "", **fields: Any) -> ExportDestination:
+    return destination_save(destination=ExportDestination(**fields), password=password)
+
+
+def destination_update(*, destination: ExportDestination, password: str | None = None,
+                       **fields: Any) -> ExportDestination:
+    unknown = set(fields) - set(EDITABLE_FIELDS)
+    if unknown:
+        raise ValueError(f"not editable: {', '.join(sorted(unknown))}")
+    for field, value in fields.items():
+        setattr(destination, field, value)
+    return destination_save(destination=destination, password=password)
 
 
 def destination_set_password(*, destination: ExportDestination, password: str) -> None:
