@@ -20,6 +20,9 @@ venv: $(STAMP)
 run: export DEBUG ?= true
 run: export EXTERNAL_MCP_ALLOWED_PROTOCOLS ?= https,http
 run: export EXTERNAL_MCP_ALLOWED_NETWORKS ?= 127.0.0.1/32
+# Finished days are aggregated and delivered to export destinations within two minutes, not 20.
+run: export USAGE_AGGREGATE_EVERY_SECONDS ?= 60
+run: export USAGE_EXPORT_EVERY_SECONDS ?= 60
 run: venv
 	$(BIN)/python manage.py migrate --noinput
 	@$(BIN)/python manage.py seed_demo

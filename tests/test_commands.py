@@ -1,12 +1,16 @@
 from __future__ import annotations
 
 import io
+from datetime import timedelta
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.utils import timezone
 from rest_framework.test import APIClient
 
+from twinmcp.management.commands import seed_demo
 from twinmcp.models import Membership, Workspace
+from usage.models import UsageEvent
 
 
 def run(*args: str, stdin: str | None = None, monkeypatch=None) -> str:
@@ -104,6 +108,8 @@ def test_commands_exit_non_zero_with_one_line(db, capsys):
 
 def test_seed_demo_is_idempotent(db, settings, tmp_path):
     settings.VAR_DIR = tmp_path
+    settings.EXTERNAL_MCP_ALLOWED_PROTOCOLS = ["https", "http"]
+    settings.EXTERNAL_MCP_ALLOWED_NETWORKS = ["127.0.0.1/32"]
     first = run("seed_demo")
     second = run("seed_demo")
     assert first == second
@@ -114,3 +120,9 @@ def test_seed_demo_is_idempotent(db, settings, tmp_path):
     password = next(line.split()[-1] for line in first.splitlines() if "password" in line)
     assert client.login(username="admin", password=password)
     assert Workspace.objects.filter(slug="demo").count() == 1
+    # A week of past usage, once, never today (the quota starts empty).
+    days = sorted({e.created_at.date() for e in UsageEvent.objects.all()})
+    today = timezone.now().date()
+    assert days == [today - timedelta(days=n) for n in range(7, 0, -1)]
+    assert UsageEvent.objects.count() == len(seed_demo.demo_usage(
+        workspace=Workspace.objects.get(slug="demo"), user=None, server=None, api_key=None, today=today))

@@ -109,6 +109,11 @@ def test_scheduler_delivers_each_final_day_as_parquet_and_json_lines_once(usage,
                          partitioning=ds.partitioning(pa.schema([pa.field("day", pa.date32())]), flavor="hive"))
     assert sorted(r["day"] for r in dataset.to_table().to_pylist()) == [D1, D1, D2]
 
+    schema = json.loads((tmp_path / "lake" / "_schema" / "usage_daily.bigquery.json").read_text())
+    assert schema[0] == {"name": "day", "type": "DATE", "mode": "REQUIRED"}
+    assert [f["name"] for f in schema] == table.schema.names
+    assert sorted(p.name for p in (tmp_path / "lake").iterdir()) == ["_schema", "jsonl", "parquet"]
+
     clock.shift(timedelta(hours=1))
     assert delivery.run_scheduled() == []  # nothing is delivered twice
 
@@ -429,19 +434,31 @@ def test_clickhouse_refusing_the_password_names_the_error_not_the_secret(usage, 
 # -- the documented loading commands ------------------------------------------------------------------------
 
 
-def test_the_documented_clickhouse_command_loads_the_json_lines_files(usage, tmp_path, fresh_clickhouse):
+def test_the_documented_clickhouse_commands_load_the_json_lines_files_once(usage, tmp_path, fresh_clickhouse):
     ch = fresh_clickhouse
     files_destination(tmp_path, level="events")
     delivery.run_scheduled(NOW)
-    clickhouse_destination(ch, level="events", name="schema-only", start_day=D2)
-    delivery.run_scheduled(NOW)  # creates the documented table
     doc = (Path(__file__).resolve().parent.parent / "docs" / "usage-exports.md").read_text()
-    command = re.search(r"```sh\n(clickhouse-client [^\n]*FORMAT JSONEachRow[^\n]*)\n```", doc).group(1)
-    part = jsonl_bytes(tmp_path, "usage_events", D1)
-    command = command.replace("clickhouse-client", f"clickhouse-client --port {ch.tcp_port}")
-    subprocess.run(command.replace("day=2026-11-30", f"day={D1}").replace(
-        "/srv/twinmcp-usage", str(tmp_path / "lake")), shell=True, check=True, input=None)
-    assert ch_count(ch, "usage_events", D1) == len(part.splitlines())
+    commands = re.findall(r"```sh\n(clickhouse-client [^\n]*)\n```", doc)
+    assert len(commands) == 3
+    for _ in range(2):  # loading a day again replaces it
+        for command in commands:
+            command = command.replace("clickhouse-client", f"clickhouse-client --port {ch.tcp_port}", 1)
+            command = command.replace("/srv/twinmcp-usage", str(tmp_path / "lake")).replace("2026-11-30", str(D1))
+            subprocess.run(command, shell=True, check=True, cwd=tmp_path)
+    assert ch_count(ch, "usage_events", D1) == len(jsonl_bytes(tmp_path, "usage_events", D1).splitlines()) == 3
+    assert ch.rows(f"SELECT toString(created_at), user_id FROM twinmcp.usage_events WHERE day = '{D1}' "
+                   "ORDER BY created_at")[1][0] == "2026-11-18 02:00:00"
+
+
+def test_the_documented_columns_are_the_delivered_ones():
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "usage-exports.md").read_text()
+    for level, heading in ((ExportLevel.DAILY, "### Daily level"), (ExportLevel.EVENTS, "### Events level")):
+        section = doc.split(heading, 1)[1].split("\n#", 1)[0]
+        documented = re.findall(r"^\| `(\w+)` \| ([^|]+) \| (\w+) \| ([^|]+) \|", section, re.MULTILINE)
+        delivered = [(c.name, str(c.arrow).replace("[day]", "").replace("tz=", ""), c.bigquery, c.clickhouse)
+                     for c in COLUMNS[level]]
+        assert [(n, a.strip(), b, c.strip()) for n, a, b, c in documented] == delivered
 
 
 # -- the command --------------------------------------------------------------------------------------------

@@ -5,12 +5,15 @@ the delivery state in /metrics."""
 from __future__ import annotations
 
 import base64
+import io
 import re
 from datetime import UTC, date, datetime
+from unittest import mock
 
 import pytest
 import time_machine
 from django.core.exceptions import ValidationError
+from django.core.management import CommandError, call_command
 from django.test import Client
 
 from external_mcp import crypto
@@ -159,3 +162,33 @@ def test_metrics_show_each_enabled_destinations_lag_and_failures(usage, tmp_path
     assert float(values['external_mcp_usage_export_last_delivery_timestamp_seconds{destination="lake"}']) == \
         NOW.timestamp()
     assert not any('destination="off"' in key for key in values)
+
+
+def add(*args: str, stdin: str = "") -> str:
+    out = io.StringIO()
+    with mock.patch("sys.stdin", io.StringIO(stdin)):
+        call_command("add_export_destination", *args, stdout=out)
+    return out.getvalue()
+
+
+def test_command_adds_destinations_reading_the_password_from_stdin(db, tmp_path):
+    with time_machine.travel(NOW, tick=False):
+        assert add("--name", "lake", "--kind", "files", "--directory", str(tmp_path)) == \
+            "lake: files, daily, from 2026-11-19\n"
+    assert add("--name", "warehouse", "--kind", "clickhouse", "--url", "http://127.0.0.1:8123", "--level", "events",
+               "--no-pseudonymize", "--start-day", "2026-11-01", "--username", "loader", "--password-stdin",
+               stdin="from stdin\n") == "warehouse: clickhouse, events, from 2026-11-01, with identities\n"
+    warehouse = ExportDestination.objects.get(name="warehouse")
+    assert crypto.decrypt(warehouse.password_ciphertext, context=warehouse.context) == b"from stdin"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--name", "lake", "--kind", "files", "--directory", "rel"], "--directory: Give an absolute directory path"),
+    (["--name", "Bad Name", "--kind", "files", "--directory", "/tmp"], "--name: "),
+    (["--name", "w", "--kind", "clickhouse", "--url", "nope"], "--url: Give ClickHouse's HTTP interface"),
+    (["--name", "w", "--kind", "files", "--directory", "/tmp", "--start-day", "30/11"], "--start-day: '30/11'"),
+])
+def test_command_names_the_bad_option(db, args, message):
+    with pytest.raises(CommandError, match=re.escape(message)):
+        add(*args)
+    assert not ExportDestination.objects.exists()

@@ -25,7 +25,7 @@ from datetime import date
 from urllib.parse import urlencode, urlsplit
 
 from usage.export_rows import DayRows
-from usage.export_schema import clickhouse_columns, clickhouse_order_by
+from usage.export_schema import clickhouse_create
 
 ERROR_CHARS = 500
 
@@ -76,9 +76,7 @@ class ClickHouseSink:
 
     def ensure_table(self, level: str) -> None:
         self.execute(f"CREATE DATABASE IF NOT EXISTS `{self.database}`")
-        self.execute(
-            f"CREATE TABLE IF NOT EXISTS {self._name(self.table)} ({clickhouse_columns(level)}) "
-            f"ENGINE = MergeTree PARTITION BY day ORDER BY ({clickhouse_order_by(level)})")
+        self.execute(clickhouse_create(level, database=self.database, table=self.table))
 
     def deliver(self, day: date, level: str, rows: DayRows) -> None:
         self.ensure_table(level)

@@ -5,6 +5,8 @@ dataset reader never mixes them)::
 
     parquet/<table>/day=YYYY-MM-DD/part-0.parquet
     jsonl/<table>/day=YYYY-MM-DD/part-0.jsonl
+    _schema/<table>.bigquery.json        (for ``bq mk`` / ``bq load --schema``)
+    _schema/<table>.clickhouse.sql       (the table ``INSERT … FORMAT JSONEachRow`` loads into)
 
 Both files of a day are written under hidden temporary names in their partition (readers such
 as pyarrow, Spark and gsutil's wildcards skip names starting with a dot), flushed to disk, then
@@ -15,6 +17,7 @@ the next delivery of that day.
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from datetime import date
@@ -25,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from usage.export_rows import DayRows
-from usage.export_schema import COLUMNS, arrow_schema
+from usage.export_schema import COLUMNS, arrow_schema, bigquery_schema, clickhouse_create
 
 PART = "part-0"
 _CAST = {"date", "timestamp"}  # arrives as ISO text, converted by Arrow
@@ -46,6 +49,16 @@ def record_batch(level: str, rows: list[dict[str, Any]]) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(arrays, schema=arrow_schema(level))
 
 
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def _fsync_dir(path: Path) -> None:
     descriptor = os.open(path, os.O_RDONLY)
     try:
@@ -59,7 +72,16 @@ class FilesSink:
         self.root = root
         self.table = table
 
+    def write_schemas(self, level: str) -> None:
+        schemas = self.root / "_schema"
+        _write_atomically(schemas / f"{self.table}.bigquery.json",
+                          (json.dumps(bigquery_schema(level), indent=2) + "\n").encode())
+        _write_atomically(schemas / f"{self.table}.clickhouse.sql",
+                          ("CREATE DATABASE IF NOT EXISTS `twinmcp`;\n"
+                           + clickhouse_create(level, database="twinmcp", table=self.table) + ";\n").encode())
+
     def deliver(self, day: date, level: str, rows: DayRows) -> None:
+        self.write_schemas(level)
         targets = {fmt: partition(self.root, fmt, self.table, day) / f"{PART}.{fmt}" for fmt in ("parquet", "jsonl")}
         token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         temporary = {fmt: path.with_name(f".{path.name}.{token}.tmp") for fmt, path in targets.items()}

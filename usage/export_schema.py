@@ -91,11 +91,17 @@ def arrow_schema(level: str) -> pa.Schema:
     return pa.schema([pa.field(c.name, c.arrow, nullable=c.nullable) for c in COLUMNS[level]])
 
 
-def clickhouse_columns(level: str) -> str:
-    return ", ".join(f"`{c.name}` {c.clickhouse}" for c in COLUMNS[level])
+def bigquery_schema(level: str) -> list[dict[str, str]]:
+    """The table schema ``bq mk`` / ``bq load --schema`` take, as JSON."""
+    return [{"name": c.name, "type": c.bigquery, "mode": "NULLABLE" if c.nullable else "REQUIRED"}
+            for c in COLUMNS[level]]
 
 
-def clickhouse_order_by(level: str) -> str:
-    # A Nullable column cannot be in a MergeTree sort key; ifNull maps it to a sortable value.
+def clickhouse_create(level: str, *, database: str, table: str) -> str:
+    """The table the ClickHouse sink creates: one partition per day, which a delivery replaces.
+    A Nullable column cannot be in a MergeTree sort key (18.16): ifNull makes it sortable."""
     nullable = {c.name for c in COLUMNS[level] if c.nullable}
-    return ", ".join(f"ifNull(`{n}`, '')" if n in nullable else f"`{n}`" for n in ORDER_BY[level])
+    order = ", ".join(f"ifNull(`{n}`, '')" if n in nullable else f"`{n}`" for n in ORDER_BY[level])
+    columns = ",\n".join(f"    `{c.name}` {c.clickhouse}" for c in COLUMNS[level])
+    return (f"CREATE TABLE IF NOT EXISTS `{database}`.`{table}` (\n{columns}\n)\n"
+            f"ENGINE = MergeTree PARTITION BY day ORDER BY ({order})")

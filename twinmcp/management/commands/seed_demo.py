@@ -1,4 +1,6 @@
-"""Idempotent demo data for ``make run``: a workspace, an admin, an API key, the flag on.
+"""Idempotent demo data for ``make run``: a workspace, an admin, an API key, the flag on, the
+demo servers, and a week of past usage (so the usage pages, billing and export pipelines have
+finished days to show from the first start).
 
 Raw secrets cannot be read back from the database (only hashes are stored), so the demo
 password and key are kept in ``var/demo.json`` to be printed again on the next run.
@@ -7,7 +9,10 @@ password and key are kept in ``var/demo.json`` to be printed again on the next r
 from __future__ import annotations
 
 import json
+import random
 import secrets
+import uuid
+from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +21,7 @@ from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand
 from django.db import transaction
+from django.utils import timezone
 
 from external_mcp.models import ExternalMcpServer
 from external_mcp.services import server_create
@@ -23,6 +29,7 @@ from twinmcp import services
 from twinmcp.apikeys import hash_key
 from twinmcp.flags import flag_enable_for_workspace
 from twinmcp.models import ApiKey, Role, Workspace
+from usage.models import Outcome, UsageEvent
 
 DEMO_SLUG = "demo"
 DEMO_SERVER = "Demo MCP server"
@@ -30,6 +37,8 @@ DEMO_UPSTREAM_URL = "http://127.0.0.1:8765/mcp"
 DEMO_SSE_SERVER = "Legacy demo server (HTTP+SSE)"
 DEMO_SSE_URL = "http://127.0.0.1:8765/sse"
 DEMO_USER = "admin"
+DEMO_USAGE_DAYS = 7
+DEMO_TOOLS = ("echo", "add", "count")
 
 
 class Command(BaseCommand):
@@ -58,6 +67,10 @@ class Command(BaseCommand):
             flag_enable_for_workspace(workspace=workspace)
             server = self._demo_server(workspace, user, DEMO_SERVER, DEMO_UPSTREAM_URL)
             legacy = self._demo_server(workspace, user, DEMO_SSE_SERVER, DEMO_SSE_URL, prefix="legacy-demo")
+            if server is not None and not UsageEvent.objects.filter(workspace=workspace).exists():
+                key = ApiKey.objects.active().filter(user=user, workspace=workspace).order_by("created_at").first()
+                UsageEvent.objects.bulk_create(demo_usage(workspace=workspace, user=user, server=server, api_key=key,
+                                                          today=timezone.now().date()))
         state_file.parent.mkdir(parents=True, exist_ok=True)
         state_file.write_text(json.dumps(state))
         state_file.chmod(0o600)
@@ -96,3 +109,24 @@ class Command(BaseCommand):
                 "EXTERNAL_MCP_ALLOWED_PROTOCOLS=https,http and EXTERNAL_MCP_ALLOWED_NETWORKS=127.0.0.1/32."
             )
             return None
+
+
+def demo_usage(*, workspace: Workspace, user: Any, server: ExternalMcpServer, api_key: ApiKey | None,
+               today: Any) -> list[UsageEvent]:
+    """Tool calls on each of the last ``DEMO_USAGE_DAYS`` days (never today: the quota starts
+    empty), the same every time for the same day."""
+    events = []
+    for back in range(DEMO_USAGE_DAYS, 0, -1):
+        day = today - timedelta(days=back)
+        rng = random.Random(day.toordinal())
+        midnight = datetime.combine(day, time(), tzinfo=UTC)
+        for _ in range(rng.randint(20, 60)):
+            outcome = rng.choices([Outcome.OK, Outcome.ERROR, Outcome.TIMEOUT], weights=[90, 7, 3])[0]
+            events.append(UsageEvent(
+                created_at=midnight + timedelta(seconds=rng.uniform(8 * 3600, 20 * 3600)), user=user,
+                workspace=workspace, server=server, api_key=api_key, method="tools/call",
+                tool_name=rng.choice(DEMO_TOOLS), jsonrpc_id=str(rng.randint(1, 999)), request_id=uuid.uuid4().hex,
+                tokens_in=rng.randint(5, 80), tokens_out=rng.randint(5, 400), bytes_in=rng.randint(80, 600),
+                bytes_out=rng.randint(80, 3000), latency_ms=round(rng.uniform(2, 250), 3), outcome=outcome,
+                upstream_status=200, counted=outcome == Outcome.OK))
+    return events
