@@ -7,7 +7,7 @@ T      ?=
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test venv lint bench bench-health bench-usage clean
+.PHONY: run test venv lint bench bench-health bench-usage bench-exports clean
 
 $(STAMP): pyproject.toml .ci/constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ bench: venv
 	bash .ci/with-services.sh $(BIN)/python -m tests.bench.quota_bench
 	bash .ci/with-services.sh $(BIN)/python -m tests.bench.health_bench
 	bash .ci/with-services.sh $(BIN)/python -m usage.bench
+	bash .ci/with-services.sh $(BIN)/python -m usage.export_bench
+
+# Usage export benchmark: 1,000,000 events of one day delivered to files and to ClickHouse (time, peak RSS).
+bench-exports: venv
+	bash .ci/with-services.sh $(BIN)/python -m usage.export_bench
 
 # Usage-reporting benchmark: 1,000,000 events over 30 days on PostgreSQL.
 bench-usage: venv
