@@ -43,3 +43,14 @@ def test_the_load_accounting_splits_this_process_from_the_rest():
     assert figures["seconds"] > 0 and figures["ours_cores"] > 0
     assert figures["other_cores"] >= 0 and figures["steal_cores"] >= 0
     assert machine.pin_sets(1) is None and machine.pin_sets(4) == ({2, 3}, {0, 1})
+
+
+def test_a_tiny_export_benchmark_delivers_every_day_to_both_destinations():
+    """`make bench-exports` keeps working: its own ClickHouse, every delivery in a child process."""
+    result = subprocess.run(
+        [sys.executable, "-m", "usage.export_bench", "--events", "2000", "--users", "5", "--servers", "2"],
+        cwd=ROOT, env={**os.environ, "DJANGO_SETTINGS_MODULE": "twinmcp.settings"}, capture_output=True, text=True,
+        timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "bench-files              " in result.stdout and "delivered, 2,000 rows" in result.stdout
+    assert "ClickHouse holds 2,000 events" in result.stdout and result.stdout.count(": flat") == 2

@@ -28,7 +28,8 @@ from tests.clickhouse_server import PASSWORD, USER
 from tests.mcp_peers import reserve_port
 from tests.test_usage_aggregation import at, ev, make_server, store
 from usage import aggregation, delivery, destinations, export_rows
-from usage.export_schema import COLUMNS, arrow_schema
+from usage.export_files import arrow_schema, arrow_type
+from usage.export_schema import COLUMNS
 from usage.models import DeliveryState, ExportDelivery, ExportLevel, UsageDayState, UsageEvent
 
 D1, D2 = date(2026, 11, 18), date(2026, 11, 19)
@@ -456,7 +457,7 @@ def test_the_documented_columns_are_the_delivered_ones():
     for level, heading in ((ExportLevel.DAILY, "### Daily level"), (ExportLevel.EVENTS, "### Events level")):
         section = doc.split(heading, 1)[1].split("\n#", 1)[0]
         documented = re.findall(r"^\| `(\w+)` \| ([^|]+) \| (\w+) \| ([^|]+) \|", section, re.MULTILINE)
-        delivered = [(c.name, str(c.arrow).replace("[day]", "").replace("tz=", ""), c.bigquery, c.clickhouse)
+        delivered = [(c.name, str(arrow_type(c)).replace("[day]", "").replace("tz=", ""), c.bigquery, c.clickhouse)
                      for c in COLUMNS[level]]
         assert [(n, a.strip(), b, c.strip()) for n, a, b, c in documented] == delivered
 

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import re
+import subprocess
+import sys
 from datetime import UTC, date, datetime
 from unittest import mock
 
@@ -192,3 +195,14 @@ def test_command_names_the_bad_option(db, args, message):
     with pytest.raises(CommandError, match=re.escape(message)):
         add(*args)
     assert not ExportDestination.objects.exists()
+
+
+def test_web_processes_do_not_load_pyarrow():
+    """pyarrow costs ~60 MB per process: only the worker writing files loads it, not every web worker
+    (the admin and /metrics import the export modules)."""
+    code = ("import sys, django; django.setup(); from django.urls import resolve; resolve('/metrics'); "
+            "resolve('/admin/'); from django.contrib import admin; admin.autodiscover(); "
+            "import twinmcp.asgi, usage.delivery, usage.export_metrics; print('pyarrow' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**os.environ, "DJANGO_SETTINGS_MODULE": "twinmcp.settings"})
+    assert result.stdout.strip() == "False"

@@ -12,16 +12,8 @@ from usage import delivery, destinations
 from usage.models import DeliveryState, ExportDelivery, ExportDestination, QuotaCounter
 
 
-@admin.register(QuotaCounter)
-class QuotaCounterAdmin(admin.ModelAdmin):
-    """Read-only: counters are written only by the limiter (``usage.limiter``), with conditional updates."""
-
-    list_display = ["user", "day", "used", "updated_at"]
-    list_filter = ["day"]
-    list_select_related = ["user"]
-    search_fields = ["user__username", "user__email"]
-    date_hierarchy = "day"
-    readonly_fields = ["user", "day", "used", "updated_at"]
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Rows only their service module writes: shown, never added, changed or deleted here."""
 
     def has_add_permission(self, request: object) -> bool:
         return False
@@ -31,6 +23,18 @@ class QuotaCounterAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: object, obj: object = None) -> bool:
         return False
+
+
+@admin.register(QuotaCounter)
+class QuotaCounterAdmin(ReadOnlyAdmin):
+    """Read-only: counters are written only by the limiter (``usage.limiter``), with conditional updates."""
+
+    list_display = ["user", "day", "used", "updated_at"]
+    list_filter = ["day"]
+    list_select_related = ["user"]
+    search_fields = ["user__username", "user__email"]
+    date_hierarchy = "day"
+    readonly_fields = ["user", "day", "used", "updated_at"]
 
 
 class ExportDestinationForm(forms.ModelForm):
@@ -95,7 +99,7 @@ class ExportDestinationAdmin(admin.ModelAdmin):
 
 
 @admin.register(ExportDelivery)
-class ExportDeliveryAdmin(admin.ModelAdmin):
+class ExportDeliveryAdmin(ReadOnlyAdmin):
     """Read-only records written by ``usage.delivery``; "Deliver again" makes days due now."""
 
     list_display = ["destination", "day", "state", "rows", "attempts", "failures", "delivered_at", "next_attempt_at",
@@ -114,12 +118,3 @@ class ExportDeliveryAdmin(admin.ModelAdmin):
     def deliver_again(self, request: HttpRequest, queryset: QuerySet[ExportDelivery]) -> None:
         count = delivery.deliveries_redo(deliveries=list(queryset))
         self.message_user(request, f"{count} day(s) will be delivered again on the next run.", messages.SUCCESS)
-
-    def has_add_permission(self, request: object) -> bool:
-        return False
-
-    def has_change_permission(self, request: object, obj: object = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: object, obj: object = None) -> bool:
-        return False

@@ -226,19 +226,24 @@ def export_child(params: dict[str, str]) -> None:
     print(json.dumps({"status": response.status_code, "rows": lines - 1, "bytes": size, "seconds": elapsed}))
 
 
-def measure_export(raw_key: str, params: dict[str, str]) -> dict:
-    """Run one export in a child process; its own peak RSS comes from wait4()."""
-    env = {**os.environ, "USAGE_BENCH_KEY": raw_key}
-    proc = subprocess.Popen([sys.executable, "-m", "usage.bench", "--export-child", json.dumps(params)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE)
+def run_measured(args: list[str], env: dict[str, str] | None = None) -> dict:
+    """Run ``python <args>`` in a child process that prints a JSON line last; add its own peak RSS
+    (from wait4(), so no other process counts)."""
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env or os.environ.copy(), stdout=subprocess.PIPE)
     output = proc.stdout.read() if proc.stdout else b""
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        raise SystemExit(f"export child failed ({proc.returncode})")
+        raise SystemExit(f"child {' '.join(args)} failed ({proc.returncode})")
     result = json.loads(output.decode().strip().splitlines()[-1])
     result["peak_rss_mb"] = usage.ru_maxrss / 1024  # kilobytes on Linux
     return result
+
+
+def measure_export(raw_key: str, params: dict[str, str]) -> dict:
+    """Run one export in a child process."""
+    return run_measured(["-m", "usage.bench", "--export-child", json.dumps(params)],
+                        env={**os.environ, "USAGE_BENCH_KEY": raw_key})
 
 
 # -- main -----------------------------------------------------------------------------------------------------

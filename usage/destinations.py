@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from django.conf import settings
@@ -20,9 +20,11 @@ from django.utils import timezone
 
 from external_mcp import crypto
 from usage.export_clickhouse import ClickHouseSink
-from usage.export_files import FilesSink
 from usage.export_schema import TABLES
 from usage.models import DestinationKind, ExportDestination, ExportLevel
+
+if TYPE_CHECKING:
+    from usage.export_files import FilesSink
 
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 SHAPE_FIELDS = ("kind", "level", "pseudonymize", "directory", "url", "database", "table")
@@ -98,6 +100,10 @@ def table_of(destination: ExportDestination) -> str:
 
 def sink_for(destination: ExportDestination) -> FilesSink | ClickHouseSink:
     if destination.kind == DestinationKind.FILES:
+        # Imported here: pyarrow adds ~60 MB to a process, and every web worker imports this module
+        # (the admin, /metrics); only the worker that writes files needs it.
+        from usage.export_files import FilesSink
+
         return FilesSink(Path(destination.directory), table_of(destination))
     password = (crypto.decrypt(destination.password_ciphertext, context=destination.context).decode()
                 if destination.password_ciphertext else "")

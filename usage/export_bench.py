@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from datetime import UTC, date, datetime, timedelta
 from datetime import time as dt_time
 from pathlib import Path
 
-from usage.bench import ROOT, Fixture, _require_postgresql, _setup_django
+from usage.bench import Fixture, _require_postgresql, _setup_django, run_measured
 
 FLAT_TOLERANCE_MB = 20.0
 TARGET_ABOVE_FLOOR_MB = 100.0  # what a delivery may add to a child that only loaded Django and pyarrow
@@ -56,15 +55,7 @@ def child(destination: str, day: str) -> None:
 
 
 def run_child(destination: str, day: date) -> dict:
-    proc = subprocess.Popen([sys.executable, "-m", "usage.export_bench", "--child", destination, day.isoformat()],
-                            cwd=ROOT, env=os.environ.copy(), stdout=subprocess.PIPE)
-    output = proc.stdout.read() if proc.stdout else b""
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"delivery child for {destination} {day} failed")
-    result = json.loads(output.decode().strip().splitlines()[-1])
-    result["peak_rss_mb"] = usage.ru_maxrss / 1024
-    return result
+    return run_measured(["-m", "usage.export_bench", "--child", destination, day.isoformat()])
 
 
 def main() -> None:

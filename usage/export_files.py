@@ -28,10 +28,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from usage.export_rows import DayRows
-from usage.export_schema import COLUMNS, arrow_schema, bigquery_schema, clickhouse_create
+from usage.export_schema import COLUMNS, Column, bigquery_schema, clickhouse_create
 
 PART = "part-0"
+_ARROW: dict[str, pa.DataType] = {
+    "string": pa.string(), "date": pa.date32(), "timestamp": pa.timestamp("us", tz="UTC"), "int": pa.int64(),
+    "float": pa.float64(), "bool": pa.bool_(),
+}
 _CAST = {"date", "timestamp"}  # arrives as ISO text, converted by Arrow
+
+
+def arrow_type(column: Column) -> pa.DataType:
+    return _ARROW[column.kind]
+
+
+def arrow_schema(level: str) -> pa.Schema:
+    return pa.schema([pa.field(c.name, arrow_type(c), nullable=c.nullable) for c in COLUMNS[level]])
 
 
 def partition(root: Path, fmt: str, table: str, day: date) -> Path:
@@ -43,9 +55,9 @@ def record_batch(level: str, rows: list[dict[str, Any]]) -> pa.RecordBatch:
     for column in COLUMNS[level]:
         values = [row[column.name] for row in rows]
         if column.kind in _CAST:
-            arrays.append(pa.array(values, pa.string()).cast(column.arrow))
+            arrays.append(pa.array(values, pa.string()).cast(arrow_type(column)))
         else:
-            arrays.append(pa.array(values, column.arrow))
+            arrays.append(pa.array(values, arrow_type(column)))
     return pa.RecordBatch.from_arrays(arrays, schema=arrow_schema(level))
 
 

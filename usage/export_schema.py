@@ -1,6 +1,7 @@
 """The columns a usage export destination receives, per level, and their types in each sink.
 
-One list per level is the single description of the delivered data: the Parquet schema, the
+One list per level is the single description of the delivered data: the Parquet schema
+(``usage.export_files``, which alone imports pyarrow), the
 ClickHouse table, the BigQuery schema in ``docs/usage-exports.md`` and the order of the JSON Lines
 keys all come from it. Rows are produced by ``usage.exports`` (the same rows the CSV / JSON exports
 give) with the UTC ``day`` first, so every row says which partition it belongs to.
@@ -11,16 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import pyarrow as pa
-
 from usage.models import ExportLevel
 
 Kind = Literal["string", "date", "timestamp", "int", "float", "bool"]
 
-_ARROW: dict[str, pa.DataType] = {
-    "string": pa.string(), "date": pa.date32(), "timestamp": pa.timestamp("us", tz="UTC"), "int": pa.int64(),
-    "float": pa.float64(), "bool": pa.bool_(),
-}
 _CLICKHOUSE = {"string": "String", "date": "Date", "timestamp": "DateTime('UTC')", "int": "Int64",
                "float": "Float64", "bool": "UInt8"}
 _BIGQUERY = {"string": "STRING", "date": "DATE", "timestamp": "TIMESTAMP", "int": "INT64", "float": "FLOAT64",
@@ -32,10 +27,6 @@ class Column:
     name: str
     kind: Kind
     nullable: bool = True
-
-    @property
-    def arrow(self) -> pa.DataType:
-        return _ARROW[self.kind]
 
     @property
     def clickhouse(self) -> str:
@@ -85,10 +76,6 @@ TABLES = {ExportLevel.DAILY: "usage_daily", ExportLevel.EVENTS: "usage_events"}
 # The ClickHouse sort key: what analysts filter on after the day.
 ORDER_BY = {ExportLevel.DAILY: ("day", "workspace", "server_id", "tool"),
             ExportLevel.EVENTS: ("day", "workspace", "created_at")}
-
-
-def arrow_schema(level: str) -> pa.Schema:
-    return pa.schema([pa.field(c.name, c.arrow, nullable=c.nullable) for c in COLUMNS[level]])
 
 
 def bigquery_schema(level: str) -> list[dict[str, str]]:
