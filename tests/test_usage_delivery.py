@@ -416,6 +416,9 @@ def test_clickhouse_down_is_failed_retried_and_seen_by_operators(usage, clickhou
         clock.shift(timedelta(days=1))
         [status] = delivery.destinations_status()
         assert status.lag_days == 2 and status.oldest_pending == D2
+        with time_machine.travel(NOW + timedelta(days=3), tick=False):  # aggregation stopped too: still behind
+            [status] = delivery.destinations_status()
+            assert status.lag_days == 4 and status.oldest_pending == D2
         destinations.destination_update(destination=destination, url=clickhouse.url, database="downtest")
         assert [r.state for r in delivery.run_scheduled()] == ["delivered"]
     finally:
@@ -497,3 +500,13 @@ def test_command_fails_when_a_delivery_failed(usage, tmp_path):
     files_destination(tmp_path)
     with pytest.raises(CommandError, match="2 delivery"):
         run_command("--since", "2026-11-18", "--until", "2026-11-19")
+
+
+def test_days_aggregation_never_reached_count_in_the_lag(usage, tmp_path, clock):
+    files_destination(tmp_path)
+    delivery.run_scheduled()
+    assert delivery.destinations_status()[0].lag_days == 0
+    clock.shift(timedelta(days=4))  # beat stopped: no state row for 11-21…11-23
+    UsageDayState.objects.filter(day=date(2026, 11, 20)).delete()
+    [status] = delivery.destinations_status()
+    assert (status.lag_days, status.oldest_pending) == (4, date(2026, 11, 20))

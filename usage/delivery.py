@@ -91,8 +91,8 @@ def _is_due(delivery: ExportDelivery | None, state: UsageDayState, now: datetime
     return delivery.source_filled_at != state.filled_at
 
 
-def _is_done(delivery: ExportDelivery | None, state: UsageDayState) -> bool:
-    if delivery is None or not _settled(state):
+def _is_done(delivery: ExportDelivery | None, state: UsageDayState | None) -> bool:
+    if delivery is None or state is None or not _settled(state):
         return False
     if delivery.state == DeliveryState.UNAVAILABLE:
         return True
@@ -229,9 +229,11 @@ class DestinationStatus:
 
 
 def destinations_status(*, now: datetime | None = None) -> list[DestinationStatus]:
-    """Each destination's lag: days from its oldest day still to deliver (not settled yet, or
-    settled and not delivered as it is now) to today; 1 while yesterday waits, 0 when up to date.
-    Three queries whatever the number of destinations."""
+    """Each destination's lag: days from its oldest day still to deliver (not aggregated or not
+    settled yet, or settled and not delivered as it is now) to today; 1 while yesterday waits, 0
+    when up to date. Once usage is recorded, aggregation keeps a state row for every day: a day
+    without one is aggregation falling behind, and counts. Three queries whatever the number of
+    destinations."""
     now = now or timezone.now()
     destinations = list(ExportDestination.objects.all())
     if not destinations:
@@ -241,11 +243,13 @@ def destinations_status(*, now: datetime | None = None) -> list[DestinationStatu
     deliveries: dict[object, dict[date, ExportDelivery]] = defaultdict(dict)
     for delivery in ExportDelivery.objects.filter(day__gte=first):
         deliveries[delivery.destination_id][delivery.day] = delivery
+    recorded_from = min(states, default=None)
     statuses = []
     for destination in destinations:
         mine = deliveries[destination.pk]
-        pending = [day for day, state in states.items()
-                   if day >= destination.start_day and not _is_done(mine.get(day), state)]
+        days = days_between(max(destination.start_day, recorded_from), now.date() - timedelta(days=1)) \
+            if recorded_from else []
+        pending = [day for day in days if not _is_done(mine.get(day), states.get(day))]
         oldest = min(pending, default=None)
         delivered = [d.delivered_at for d in mine.values() if d.delivered_at is not None]
         statuses.append(DestinationStatus(
