@@ -81,6 +81,8 @@ class Pseudonymizer:
     def __init__(self, secret: str | None = None) -> None:
         self.secret = (secret if secret is not None else settings.SECRET_KEY).encode()
         self._keys: dict[uuid.UUID | None, bytes] = {}
+        # An export repeats the same few users on every row: one HMAC per user, not per row.
+        self._users: dict[tuple[Any, Any], str] = {}
 
     def key(self, workspace_id: Any) -> bytes:
         workspace = as_uuid(workspace_id)
@@ -94,8 +96,11 @@ class Pseudonymizer:
     def user(self, workspace_id: Any, user_id: Any) -> str | None:
         if user_id is None:
             return None
-        digest = hmac.new(self.key(workspace_id), str(int(user_id)).encode(), hashlib.sha256).hexdigest()
-        return "u_" + digest[:16]
+        pseudonym = self._users.get((workspace_id, user_id))
+        if pseudonym is None:
+            digest = hmac.new(self.key(workspace_id), str(int(user_id)).encode(), hashlib.sha256).hexdigest()
+            pseudonym = self._users[(workspace_id, user_id)] = "u_" + digest[:16]
+        return pseudonym
 
 
 # -- rows ----------------------------------------------------------------------------------------------
