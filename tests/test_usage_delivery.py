@@ -510,3 +510,14 @@ def test_days_aggregation_never_reached_count_in_the_lag(usage, tmp_path, clock)
     UsageDayState.objects.filter(day=date(2026, 11, 20)).delete()
     [status] = delivery.destinations_status()
     assert (status.lag_days, status.oldest_pending) == (4, date(2026, 11, 20))
+
+
+def test_a_table_of_another_shape_is_a_failure_with_clickhouses_reason(usage, fresh_clickhouse):
+    ch = fresh_clickhouse
+    ch.query("CREATE DATABASE twinmcp")
+    ch.query("CREATE TABLE twinmcp.usage_daily (day Date, other UInt8) ENGINE = MergeTree PARTITION BY day "
+             "ORDER BY day")
+    destination = clickhouse_destination(ch, start_day=D1)
+    result = delivery.deliver_day(destination, D1)
+    assert result.state == "failed" and "answered HTTP" in result.detail and "workspace" in result.detail
+    assert int(ch.query("SELECT count() FROM twinmcp.usage_daily")) == 0

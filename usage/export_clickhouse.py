@@ -18,6 +18,7 @@ size.
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import ssl
 from collections.abc import Iterable, Iterator
@@ -62,8 +63,10 @@ class ClickHouseSink:
             connection = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
         where = f"ClickHouse at {self.host}:{self.port}"
         try:
-            chunked = not isinstance(body, bytes)
-            connection.request("POST", f"/?{params}", body=body, headers=self.headers, encode_chunked=chunked)
+            # ClickHouse may refuse an INSERT before reading all of it: then its answer says why.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                connection.request("POST", f"/?{params}", body=body, headers=self.headers,
+                                   encode_chunked=not isinstance(body, bytes))
             response = connection.getresponse()
             text = response.read().decode("utf-8", "replace")
         except (OSError, http.client.HTTPException) as exc:
