@@ -336,23 +336,25 @@ class Relay:
             threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
 
     def _pump(self, source: socket.socket, target: socket.socket, request: bool) -> None:
-        seen, inserting = 0, False
+        seen, inserting, held = 0, False, False
         try:
             while data := source.recv(65536):
+                if held:
+                    continue  # read and dropped: nothing more reaches ClickHouse
                 if request:
                     inserting = inserting or b"INSERT" in data[:2048]
                     if inserting and seen + len(data) > self.hold_after:
                         target.sendall(data[: max(self.hold_after - seen, 0)])
+                        held = True
                         self.holding.set()
-                        return  # hold: nothing more reaches ClickHouse on this connection
+                        continue
                     seen += len(data)
                 target.sendall(data)
         except OSError:
             pass
-        finally:
-            if not (request and self.holding.is_set()):
-                for s in (source, target):
-                    s.close()
+        finally:  # one side gone (the killed worker): so is the other, as without a relay
+            for s in (source, target):
+                s.close()
 
     def close(self) -> None:
         self.listener.close()
