@@ -403,6 +403,7 @@ class ExportDelivery(models.Model):
 
     class Meta:
         db_table = "usage_export_deliveries"
+        verbose_name_plural = "export deliveries"
         ordering = ["destination_id", "-day"]
         constraints = [
             models.UniqueConstraint(fields=["destination", "day"], name="usage_export_delivery_unique"),
