@@ -8,8 +8,8 @@ dataset reader never mixes them)::
     _schema/<table>.bigquery.json        (for ``bq mk`` / ``bq load --schema``)
     _schema/<table>.clickhouse.sql       (the table ``INSERT … FORMAT JSONEachRow`` loads into)
 
-Both files of a day are written under hidden temporary names in their partition (readers such
-as pyarrow, Spark and gsutil's wildcards skip names starting with a dot), flushed to disk, then
+Both files of a day are written under hidden temporary names in their partition (dataset readers
+such as pyarrow and Spark skip names starting with a dot), flushed to disk, then
 renamed over the previous ones: a reader sees the old day or the new day, never a part, and
 delivering a day again replaces it. Temporary files a killed delivery left behind are removed by
 the next delivery of that day.
