@@ -26,7 +26,7 @@ from datetime import UTC, date, datetime, timedelta
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Count, Min, Q, Sum
+from django.db.models import Count, Min, Sum
 from django.utils import timezone
 
 from usage import billing
@@ -124,9 +124,7 @@ def days_to_finalise(upto: date) -> list[date]:
         return []
     start = min(starts)
     done = set(
-        UsageDayState.objects.filter(day__gte=start, day__lte=upto)
-        .filter(Q(state=DayState.FINAL) | Q(raw_purged_at__isnull=False))
-        .values_list("day", flat=True)
+        UsageDayState.objects.filter(day__gte=start, day__lte=upto).settled().values_list("day", flat=True)
     )
     return [day for day in days_between(start, upto) if day not in done]
 

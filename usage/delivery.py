@@ -31,7 +31,6 @@ from datetime import date, datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Q
 from django.utils import timezone
 
 from external_mcp.crypto import DecryptionError
@@ -39,7 +38,6 @@ from usage.destinations import sink_for
 from usage.export_clickhouse import ClickHouseError
 from usage.export_rows import DayRows, day_rows
 from usage.models import (
-    DayState,
     DeliveryState,
     ExportDelivery,
     ExportDestination,
@@ -75,10 +73,6 @@ def retry_delay(failures: int) -> timedelta:
     return timedelta(seconds=min(seconds, settings.USAGE_EXPORT_RETRY_MAX_SECONDS))
 
 
-def _settled(state: UsageDayState | None) -> bool:
-    return state is not None and (state.state == DayState.FINAL or state.raw_purged_at is not None)
-
-
 def _is_due(delivery: ExportDelivery | None, state: UsageDayState, now: datetime) -> bool:
     if delivery is None:
         return True
@@ -92,7 +86,7 @@ def _is_due(delivery: ExportDelivery | None, state: UsageDayState, now: datetime
 
 
 def _is_done(delivery: ExportDelivery | None, state: UsageDayState | None) -> bool:
-    if delivery is None or state is None or not _settled(state):
+    if delivery is None or state is None or not state.settled:
         return False
     if delivery.state == DeliveryState.UNAVAILABLE:
         return True
@@ -100,9 +94,7 @@ def _is_done(delivery: ExportDelivery | None, state: UsageDayState | None) -> bo
 
 
 def _settled_states(first: date, last: date) -> dict[date, UsageDayState]:
-    states = UsageDayState.objects.filter(day__gte=first, day__lte=last).filter(
-        Q(state=DayState.FINAL) | Q(raw_purged_at__isnull=False))
-    return {state.day: state for state in states}
+    return {state.day: state for state in UsageDayState.objects.filter(day__gte=first, day__lte=last).settled()}
 
 
 def due_days(destination: ExportDestination, *, now: datetime) -> list[date]:
@@ -115,7 +107,7 @@ def _claim(destination: ExportDestination, day: date, *, now: datetime,
            force: bool) -> tuple[ExportDelivery, UsageDayState] | None:
     with transaction.atomic():
         state = UsageDayState.objects.filter(day=day).first()
-        if state is None or not _settled(state):
+        if state is None or not state.settled:
             return None
         ExportDelivery.objects.bulk_create([ExportDelivery(destination=destination, day=day)], ignore_conflicts=True)
         delivery = ExportDelivery.objects.select_for_update().get(destination=destination, day=day)
@@ -172,7 +164,8 @@ def deliver_day(destination: ExportDestination, day: date, *, now: datetime | No
     claimed = _claim(destination, day, now=now, force=force)
     if claimed is None:
         state = UsageDayState.objects.filter(day=day).first()
-        why = "being delivered by another worker, or not due" if _settled(state) else "not finalised yet"
+        settled = state is not None and state.settled
+        why = "being delivered by another worker, or not due" if settled else "not finalised yet"
         return DeliveryResult(destination.name, day, SKIPPED, detail=why)
     delivery, state = claimed
     if destination.level == ExportLevel.EVENTS and state.raw_purged_at is not None:

@@ -182,6 +182,12 @@ class DayState(models.TextChoices):
     FINAL = "final", "Final"
 
 
+class UsageDayStateQuerySet(models.QuerySet["UsageDayState"]):
+    def settled(self) -> UsageDayStateQuerySet:
+        """Days whose aggregates will not change: final, or whose raw events were purged."""
+        return self.filter(models.Q(state=DayState.FINAL) | models.Q(raw_purged_at__isnull=False))
+
+
 class UsageDayState(models.Model):
     """The fill-state mark of one UTC day's aggregates (Zulip ``analytics`` style). A day is
     rewritten in one transaction (delete its buckets, insert them again), so a crashed run
@@ -201,12 +207,18 @@ class UsageDayState(models.Model):
     buckets = models.PositiveIntegerField(default=0, help_text="UsageDaily rows written on the last fill.")
     raw_purged_at = models.DateTimeField(null=True, blank=True)
 
+    objects = UsageDayStateQuerySet.as_manager()
+
     class Meta:
         db_table = "external_mcp_usage_day_state"
         ordering = ["day"]
 
     def __str__(self) -> str:
         return f"{self.day}: {self.state}"
+
+    @property
+    def settled(self) -> bool:
+        return self.state == DayState.FINAL or self.raw_purged_at is not None
 
 
 class BillingRecord(models.Model):

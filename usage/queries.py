@@ -41,7 +41,7 @@ from django.db.models import (
 from django.db.models.functions import Coalesce, Round, TruncDate
 from django.utils.dateparse import parse_date, parse_datetime
 
-from usage.models import ERROR_OUTCOMES, DayState, Outcome, UsageDaily, UsageDayState, UsageEvent
+from usage.models import ERROR_OUTCOMES, Outcome, UsageDaily, UsageDayState, UsageEvent
 
 GROUP_DIMENSIONS = ("day", "user", "server", "tool")
 DIMENSION_COLUMN = {"day": "day", "user": "user_id", "server": "server_id", "tool": "tool"}
@@ -192,9 +192,7 @@ def settled_days(first: date, last: date) -> set[date]:
     """Days in [first, last] whose aggregates are final (a day whose raw events were purged is
     final by construction): the days the usage API reads from ``UsageDaily``."""
     return set(
-        UsageDayState.objects.filter(day__gte=first, day__lte=last)
-        .filter(Q(state=DayState.FINAL) | Q(raw_purged_at__isnull=False))
-        .values_list("day", flat=True)
+        UsageDayState.objects.filter(day__gte=first, day__lte=last).settled().values_list("day", flat=True)
     )
 
 

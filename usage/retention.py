@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
 from django.conf import settings
-from django.db.models import Min, Q, QuerySet
+from django.db.models import Min, QuerySet
 from django.utils import timezone
 
 from usage.models import AlertBreach, DayState, QuotaCounter, UsageDayState, UsageEvent
@@ -54,9 +54,7 @@ def purge_boundary(cutoff: date) -> date:
     if first_day >= cutoff:
         return cutoff
     final = set(
-        UsageDayState.objects.filter(day__gte=first_day, day__lt=cutoff)
-        .filter(Q(state=DayState.FINAL) | Q(raw_purged_at__isnull=False))
-        .values_list("day", flat=True)
+        UsageDayState.objects.filter(day__gte=first_day, day__lt=cutoff).settled().values_list("day", flat=True)
     )
     for day in days_between(first_day, cutoff - timedelta(days=1)):
         if day not in final:
