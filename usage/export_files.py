@@ -17,6 +17,7 @@ the next delivery of that day.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import uuid
@@ -42,6 +43,7 @@ def arrow_type(column: Column) -> pa.DataType:
     return _ARROW[column.kind]
 
 
+@functools.cache
 def arrow_schema(level: str) -> pa.Schema:
     return pa.schema([pa.field(c.name, arrow_type(c), nullable=c.nullable) for c in COLUMNS[level]])
 
