@@ -73,24 +73,25 @@ def retry_delay(failures: int) -> timedelta:
     return timedelta(seconds=min(seconds, settings.USAGE_EXPORT_RETRY_MAX_SECONDS))
 
 
-def _is_due(delivery: ExportDelivery | None, state: UsageDayState, now: datetime) -> bool:
-    if delivery is None:
-        return True
-    if delivery.state == DeliveryState.RUNNING:
-        return delivery.lease_until is None or delivery.lease_until <= now
-    if delivery.state == DeliveryState.FAILED:
-        return delivery.next_attempt_at is None or delivery.next_attempt_at <= now
-    if delivery.state == DeliveryState.UNAVAILABLE:
-        return False
-    return delivery.source_filled_at != state.filled_at
-
-
 def _is_done(delivery: ExportDelivery | None, state: UsageDayState | None) -> bool:
     if delivery is None or state is None or not state.settled:
         return False
     if delivery.state == DeliveryState.UNAVAILABLE:
         return True
     return delivery.state == DeliveryState.DELIVERED and delivery.source_filled_at == state.filled_at
+
+
+def _is_due(delivery: ExportDelivery | None, state: UsageDayState, now: datetime) -> bool:
+    """Not done, and not waiting for a live lease or a backoff to end."""
+    if delivery is None:
+        return True
+    if _is_done(delivery, state):
+        return False
+    if delivery.state == DeliveryState.RUNNING:
+        return delivery.lease_until is None or delivery.lease_until <= now
+    if delivery.state == DeliveryState.FAILED:
+        return delivery.next_attempt_at is None or delivery.next_attempt_at <= now
+    return True
 
 
 def _settled_states(first: date, last: date) -> dict[date, UsageDayState]:
@@ -113,7 +114,7 @@ def _claim(destination: ExportDestination, day: date, *, now: datetime,
         delivery = ExportDelivery.objects.select_for_update().get(destination=destination, day=day)
         held = (delivery.state == DeliveryState.RUNNING and delivery.lease_until is not None
                 and delivery.lease_until > now)
-        if held or not (force or delivery.attempts == 0 or _is_due(delivery, state, now)):
+        if held or not (force or _is_due(delivery, state, now)):
             return None
         delivery.state = DeliveryState.RUNNING
         delivery.attempts += 1
